@@ -1,0 +1,94 @@
+"""GPT-2 for inference: a flat batch of tokens at explicit positions, attending through a KV cache.
+
+Parameter names and layouts are the store's canonical ones (`ArchConfig.tensor_shapes`), so a stored
+version loads with a strict `load_state_dict`. No dropout, no training paths, no HF quirks (those were
+resolved at import).
+"""
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_store.manifest import ArchConfig
+
+from .attention import BatchLayout, KVCache, attend
+
+ACTIVATIONS = {
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu_fast": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArchConfig, layer: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.layer, self.n_head, self.head_dim = layer, cfg.n_head, cfg.head_dim
+        self.scale = (1 / math.sqrt(cfg.head_dim)) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer + 1
+
+    def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache | None) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.n_head, self.head_dim).unbind(1)  # (T, H, D) each
+        out = attend(q, k, v, layer=self.layer, layout=layout, cache=cache, scale=self.scale)
+        return self.proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, cfg.n_inner)
+        self.proj = nn.Linear(cfg.n_inner, cfg.n_embd)
+        self.act = ACTIVATIONS[cfg.activation_function]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ArchConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layout, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """input_ids, positions: (T,) for the flat batch. Returns final hidden states (T, n_embd)."""
+        x = self.wte(input_ids) + self.wpe(positions)  # (T, n_embd)
+        for block in self.h:
+            x = block(x, layout, cache)
+        return self.ln_f(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, n_embd) -> (N, vocab_size) in the model's dtype; callers select the rows they need first."""
+        head = self.lm_head.weight if not self.cfg.tie_word_embeddings else self.wte.weight
+        return F.linear(hidden, head)
