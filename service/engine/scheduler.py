@@ -1,0 +1,137 @@
+"""Which sequences compute how many tokens this step: a token budget over running, then waiting, FIFO.
+
+Owns the waiting and running queues. Every sequence has `num_tokens` and `num_computed_tokens`; each
+step hands out up to `max_num_batched_tokens`, so prefill, chunked prefill, decode, recompute after
+preemption and scoring are one rule. Running sequences go first (oldest first) so decodes never stall
+behind a long prompt; when KV memory runs out the newest running sequence is preempted (its blocks
+freed, recomputed later) rather than failing anyone. Waiting sequences are admitted strictly in arrival
+order while memory and `max_num_seqs` allow, so none starves.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import BlockManager
+from .sequence import Sequence, Status
+from .types import FinishReason
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 256  # beyond this, `add` refuses and the API answers 429
+    max_model_len: int = 1024
+
+
+@dataclass
+class ScheduledBatch:
+    """Sequences in batch order and how many new tokens each computes this step."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit: the caller should retry later (HTTP 429)."""
+
+
+class TooLarge(Exception):
+    """The request could not fit in KV memory even alone (HTTP 400)."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: BlockManager) -> None:
+        self.config, self.kv = config, kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (limit {self.config.max_waiting})")
+        longest = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
+        if self.kv.blocks_needed(longest) > self.kv.num_blocks:  # could never run, even alone
+            raise TooLarge(f"{longest} tokens exceed the KV memory ({self.kv.num_blocks * self.kv.block_size} tokens)")
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(batch, budget)
+        if not batch.preempted:  # memory is short: admitting more would only preempt again
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            if n == 0:  # nothing new until its sampled token is appended
+                i += 1
+                continue
+            while not self.kv.grow(seq.table, seq.num_computed_tokens + n):
+                victim = self.running.pop()  # newest first
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    return budget
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.table.blocks:
+                seq.num_computed_tokens = self.kv.match_prefix(seq.token_ids, seq.table)
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = seq.num_computed_tokens
+            n = min(seq.num_uncomputed, budget)
+            if not self.kv.grow(seq.table, seq.num_computed_tokens + n):
+                self.kv.free(seq.table)  # waiting sequences hold nothing; the prefix stays cached
+                seq.num_computed_tokens = 0
+                break  # head of line waits for memory: FIFO, so nothing behind it overtakes
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq.table)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def computed(self, batch: ScheduledBatch) -> None:
+        """Record that the runner computed the scheduled tokens; index newly full blocks for reuse."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.kv.register_computed(seq.token_ids, seq.num_computed_tokens, seq.table)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Finish (or abort) a sequence wherever it is; its KV is free for the next step."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.table)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

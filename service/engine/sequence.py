@@ -1,0 +1,66 @@
+"""One sequence's progress through the engine: its tokens, how many have KV computed, and its blocks.
+
+Owns per-sequence state only. The scheduler moves sequences between waiting and running and decides how
+many tokens each computes per step; the KV manager owns the blocks listed in `table`.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .kv_cache import BlockTable
+from .types import FinishReason, SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """`token_ids` is prompt + output so far. Tokens [0, num_computed_tokens) have KV in `table`.
+
+    A scoring sequence (`score_only`) computes its prompt and finishes without generating.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    score_only: bool = False
+    arrival: float = 0.0
+    num_prompt_tokens: int = field(init=False)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (stats)
+    num_preemptions: int = 0
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    table: BlockTable = field(default_factory=BlockTable)
+    seq_id: int = field(default_factory=lambda: next(_ids))
+
+    def __post_init__(self) -> None:
+        assert self.token_ids, "a sequence needs at least one token"
+        self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
