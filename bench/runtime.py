@@ -34,7 +34,7 @@ def our_greedy(model: GPT2, ids: torch.Tensor, new_tokens: int, dtype: torch.dty
     layout = BatchLayout.prefill([len(ids)])
     token = model.compute_logits(model(ids, layout.positions(), layout, cache)[-1:]).argmax(-1)
     for step in range(new_tokens - 1):
-        layout = BatchLayout((1,), (len(ids) + step,), (0,))
+        layout = BatchLayout((1,), (len(ids) + step,), ((0,),))
         token = model.compute_logits(model(token, layout.positions(), layout, cache)).argmax(-1)
 
 

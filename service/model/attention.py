@@ -1,9 +1,10 @@
-"""Attention over a flat batch of sequences, each at its own position, with an optional KV cache.
+"""Attention over a flat batch of sequences, each at its own position, with an optional paged KV cache.
 
-Owns the batch layout (which tokens belong to which sequence, how much of each is already cached) and
-the KV storage tensors. It does not decide which sequence gets which cache slot: that is the engine's
-KV manager. Prefill, chunked prefill and decode are the same call: a sequence contributes `query_len`
-new tokens after `context_len` cached ones.
+Owns the batch layout (which tokens belong to which sequence, how much of each is already cached, which
+cache blocks hold it) and the KV storage tensors. It does not decide which sequence gets which blocks:
+that is the engine's KV manager. Prefill, chunked prefill and decode are the same call: a sequence
+contributes `query_len` new tokens after `context_len` cached ones. A cache with one block per sequence
+of `max_seq_len` tokens is the contiguous special case.
 """
 
 from dataclasses import dataclass
@@ -17,20 +18,20 @@ from model_store.manifest import ArchConfig
 @dataclass(frozen=True)
 class BatchLayout:
     """Sequence i owns the next `query_lens[i]` tokens of the flat batch; its first new token sits after
-    `context_lens[i]` tokens already in cache slot `slots[i]`."""
+    `context_lens[i]` tokens already cached in `block_tables[i]` (cache block ids, in order)."""
 
     query_lens: tuple[int, ...]
     context_lens: tuple[int, ...]
-    slots: tuple[int, ...]
+    block_tables: tuple[tuple[int, ...], ...]
 
     def __post_init__(self) -> None:
-        assert len(self.query_lens) == len(self.context_lens) == len(self.slots)
+        assert len(self.query_lens) == len(self.context_lens) == len(self.block_tables)
         assert all(q > 0 for q in self.query_lens) and all(c >= 0 for c in self.context_lens)
 
     @classmethod
     def prefill(cls, lengths: list[int] | tuple[int, ...]) -> "BatchLayout":
-        """Whole sequences from position 0, in slots 0..n-1 (or without a cache)."""
-        return cls(tuple(lengths), (0,) * len(lengths), tuple(range(len(lengths))))
+        """Whole sequences from position 0, sequence i in block i (or without a cache)."""
+        return cls(tuple(lengths), (0,) * len(lengths), tuple((i,) for i in range(len(lengths))))
 
     @property
     def num_tokens(self) -> int:
@@ -44,23 +45,65 @@ class BatchLayout:
 
 
 class KVCache:
-    """Keys and values per layer and slot: (n_layer, num_slots, n_head, max_seq_len, head_dim) each.
-
-    Head-major within a slot, so one sequence's cached keys for one layer are a (n_head, len, head_dim)
-    view that attention reads in place.
-    """
+    """Keys and values per layer, token-major over a pool of blocks: (n_layer, num_blocks * block_size,
+    n_head, head_dim) each. Token j of a sequence lives at row block_table[j // bs] * bs + j % bs."""
 
     def __init__(
-        self, cfg: ArchConfig, num_slots: int, max_seq_len: int, *, device: torch.device | str, dtype: torch.dtype
+        self, cfg: ArchConfig, num_blocks: int, block_size: int, *, device: torch.device | str, dtype: torch.dtype
     ) -> None:
-        shape = (cfg.n_layer, num_slots, cfg.n_head, max_seq_len, cfg.head_dim)
+        shape = (cfg.n_layer, num_blocks * block_size, cfg.n_head, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_seq_len = max_seq_len
+        self.num_blocks, self.block_size = num_blocks, block_size
 
     @property
     def num_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+    @staticmethod
+    def bytes_per_token(cfg: ArchConfig, dtype: torch.dtype) -> int:
+        return 2 * cfg.n_layer * cfg.n_embd * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _DecodeIndex:
+    seq_ids: list[int]  # which sequences of the layout
+    token_ids: torch.Tensor  # (B,) their token in the flat batch
+    rows: torch.Tensor  # (B, L) cache rows, padded with row 0
+    mask: torch.Tensor  # (B, 1, 1, L) True where a key is real
+
+
+@dataclass(frozen=True)
+class CacheIndex:
+    """Rows of the cache pool for one step, computed once and shared by every layer."""
+
+    write_rows: torch.Tensor  # (T,) where each new token's k/v goes
+    read_rows: list[torch.Tensor]  # per sequence: (context_len + query_len,) rows to attend over
+    decode: _DecodeIndex | None  # the single-token sequences, padded to attend in one call
+
+
+def cache_index(layout: BatchLayout, block_size: int, device: torch.device) -> CacheIndex:
+    read_rows = []
+    for q_len, ctx, table in zip(layout.query_lens, layout.context_lens, layout.block_tables):
+        pos = torch.arange(ctx + q_len)
+        assert ctx + q_len <= len(table) * block_size, "sequence exceeds its KV blocks"
+        read_rows.append((torch.tensor(table)[pos // block_size] * block_size + pos % block_size).to(device))
+    write_rows = torch.cat([rows[ctx:] for rows, ctx in zip(read_rows, layout.context_lens)])
+    return CacheIndex(write_rows, read_rows, _decode_index(layout, read_rows, device))
+
+
+def _decode_index(layout: BatchLayout, read_rows: list[torch.Tensor], device: torch.device) -> _DecodeIndex | None:
+    seq_ids = [i for i, q in enumerate(layout.query_lens) if q == 1]
+    if len(seq_ids) < 2:
+        return None
+    starts = torch.tensor([0, *layout.query_lens]).cumsum(0)
+    longest = max(len(read_rows[i]) for i in seq_ids)
+    rows = torch.zeros(len(seq_ids), longest, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seq_ids), 1, 1, longest, dtype=torch.bool, device=device)
+    for b, i in enumerate(seq_ids):
+        rows[b, : len(read_rows[i])] = read_rows[i]
+        mask[b, ..., : len(read_rows[i])] = True
+    return _DecodeIndex(seq_ids, starts[seq_ids].to(device), rows, mask)
 
 
 def attend(
@@ -71,6 +114,7 @@ def attend(
     layer: int,
     layout: BatchLayout,
     cache: KVCache | None,
+    index: CacheIndex | None,
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached and new keys.
@@ -78,29 +122,50 @@ def attend(
     q, k, v: (T, n_head, head_dim) for the flat batch. Writes the new k/v into the cache. Returns
     (T, n_head * head_dim).
     """
-    outputs = []
+    if cache is None:
+        assert not any(layout.context_lens), "a cached context needs a KV cache"
+        return _attend_uncached(q, k, v, layout, scale)
+    assert index is not None
+    k_pool, v_pool = cache.k[layer], cache.v[layer]  # (rows, H, D)
+    k_pool.index_copy_(0, index.write_rows, k)
+    v_pool.index_copy_(0, index.write_rows, v)
+    out = torch.empty_like(q)
+    batched: set[int] = set()
+    if index.decode is not None:  # one padded call instead of a Python loop over decoding sequences
+        d = index.decode
+        kd, vd = k_pool[d.rows].transpose(1, 2), v_pool[d.rows].transpose(1, 2)  # (B, H, L, D)
+        qd = q[d.token_ids].unsqueeze(2)  # (B, H, 1, D)
+        out[d.token_ids] = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale).squeeze(2)
+        batched = set(d.seq_ids)
     start = 0
-    for q_len, ctx, slot in zip(layout.query_lens, layout.context_lens, layout.slots):
-        end = start + q_len
-        qi = q[start:end].transpose(0, 1)  # (H, q_len, D)
-        ki, vi = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
-        if cache is not None:
-            assert ctx + q_len <= cache.max_seq_len, "sequence exceeds its KV slot"
-            cache.k[layer, slot, :, ctx : ctx + q_len] = ki
-            cache.v[layer, slot, :, ctx : ctx + q_len] = vi
-            ki, vi = cache.k[layer, slot, :, : ctx + q_len], cache.v[layer, slot, :, : ctx + q_len]
-        else:
-            assert ctx == 0, "a cached context needs a KV cache"
-        out = F.scaled_dot_product_attention(qi, ki, vi, **_mask(q_len, ctx, q.device), scale=scale)
-        outputs.append(out.transpose(0, 1))  # (q_len, H, D)
-        start = end
+    for i, (q_len, ctx) in enumerate(zip(layout.query_lens, layout.context_lens)):
+        if i not in batched:
+            rows = index.read_rows[i]
+            qi = q[start : start + q_len].transpose(0, 1)  # (H, q_len, D)
+            ki, vi = k_pool[rows].transpose(0, 1), v_pool[rows].transpose(0, 1)  # (H, ctx + q_len, D)
+            out[start : start + q_len] = _sdpa(qi, ki, vi, ctx, scale).transpose(0, 1)
+        start += q_len
+    return out.flatten(1)
+
+
+def _attend_uncached(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout, scale: float
+) -> torch.Tensor:
+    outputs, start = [], 0
+    for q_len in layout.query_lens:
+        qi, ki, vi = (t[start : start + q_len].transpose(0, 1) for t in (q, k, v))  # (H, q_len, D)
+        outputs.append(_sdpa(qi, ki, vi, 0, scale).transpose(0, 1))
+        start += q_len
     return torch.cat(outputs).flatten(1)
 
 
-def _mask(q_len: int, ctx: int, device: torch.device) -> dict:
-    """Query j (absolute position ctx + j) may see keys 0..ctx + j."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: float) -> torch.Tensor:
+    """Query j (absolute position ctx + j) may see keys 0..ctx + j. q: (H, q_len, D); k, v: (H, ctx + q_len, D)."""
+    q_len = q.shape[-2]
     if q_len == 1:
-        return {}
-    if ctx == 0:
-        return {"is_causal": True}
-    return {"attn_mask": torch.ones(q_len, ctx + q_len, dtype=torch.bool, device=device).tril(diagonal=ctx)}
+        mask = {}
+    elif ctx == 0:
+        mask = {"is_causal": True}
+    else:
+        mask = {"attn_mask": torch.ones(q_len, ctx + q_len, dtype=torch.bool, device=q.device).tril(diagonal=ctx)}
+    return F.scaled_dot_product_attention(q, k, v, **mask, scale=scale)

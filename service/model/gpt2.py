@@ -14,7 +14,7 @@ from torch import nn
 
 from model_store.manifest import ArchConfig
 
-from .attention import BatchLayout, KVCache, attend
+from .attention import BatchLayout, CacheIndex, KVCache, attend, cache_index
 
 ACTIVATIONS = {
     "gelu_new": partial(F.gelu, approximate="tanh"),
@@ -38,9 +38,11 @@ class Attention(nn.Module):
         if cfg.scale_attn_by_inverse_layer_idx:
             self.scale /= layer + 1
 
-    def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, layout: BatchLayout, cache: KVCache | None, index: CacheIndex | None
+    ) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.n_head, self.head_dim).unbind(1)  # (T, H, D) each
-        out = attend(q, k, v, layer=self.layer, layout=layout, cache=cache, scale=self.scale)
+        out = attend(q, k, v, layer=self.layer, layout=layout, cache=cache, index=index, scale=self.scale)
         return self.proj(out)
 
 
@@ -63,8 +65,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layout, cache)
+    def forward(
+        self, x: torch.Tensor, layout: BatchLayout, cache: KVCache | None, index: CacheIndex | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layout, cache, index)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -84,8 +88,9 @@ class GPT2(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: (T,) for the flat batch. Returns final hidden states (T, n_embd)."""
         x = self.wte(input_ids) + self.wpe(positions)  # (T, n_embd)
+        index = cache_index(layout, cache.block_size, x.device) if cache is not None else None
         for block in self.h:
-            x = block(x, layout, cache)
+            x = block(x, layout, cache, index)
         return self.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

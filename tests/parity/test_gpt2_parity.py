@@ -74,7 +74,7 @@ def full_logits(model: GPT2, ids: torch.Tensor) -> torch.Tensor:
 
 def run(model: GPT2, cache: KVCache, chunks: list[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
     """One forward over several sequences: (slot, new token ids, context_len) each. Logits per sequence."""
-    layout = BatchLayout(tuple(len(t) for _, t, _ in chunks), tuple(c for *_, c in chunks), tuple(s for s, *_ in chunks))
+    layout = BatchLayout(tuple(len(t) for _, t, _ in chunks), tuple(c for *_, c in chunks), tuple((s,) for s, *_ in chunks))
     ids = torch.cat([t for _, t, _ in chunks])
     logits = model.compute_logits(model(ids, layout.positions(), layout, cache))
     return list(logits.split(list(layout.query_lens)))
@@ -93,7 +93,7 @@ def test_logits_equal_hf_float32(pair):
 def test_prefill_then_decode_equals_full_forward(pair):
     seq = prompt(pair, 30, seed=11)
     expected = full_logits(pair.ours, seq)
-    cache = KVCache(pair.ours.cfg, num_slots=2, max_seq_len=64, device="cpu", dtype=torch.float32)
+    cache = KVCache(pair.ours.cfg, num_blocks=2, block_size=64, device="cpu", dtype=torch.float32)
     got = run(pair.ours, cache, [(1, seq[:8], 0)])
     for pos in range(8, 30):  # 22 single-token decode steps
         got += run(pair.ours, cache, [(1, seq[pos : pos + 1], pos)])
@@ -105,7 +105,7 @@ def test_prefill_then_decode_equals_full_forward(pair):
 @torch.no_grad()
 def test_chunked_prefill_equals_full_forward(pair):
     seq = prompt(pair, 24, seed=12)
-    cache = KVCache(pair.ours.cfg, num_slots=1, max_seq_len=32, device="cpu", dtype=torch.float32)
+    cache = KVCache(pair.ours.cfg, num_blocks=1, block_size=32, device="cpu", dtype=torch.float32)
     got, start = [], 0
     for size in (3, 7, 1, 13):
         got += run(pair.ours, cache, [(0, seq[start : start + size], start)])
@@ -116,11 +116,39 @@ def test_chunked_prefill_equals_full_forward(pair):
 @torch.no_grad()
 def test_sequences_at_different_positions_batched_equal_alone(pair):
     a, b, c = prompt(pair, 12, 21), prompt(pair, 9, 22), prompt(pair, 6, 23)
-    cache = KVCache(pair.ours.cfg, num_slots=3, max_seq_len=16, device="cpu", dtype=torch.float32)
+    cache = KVCache(pair.ours.cfg, num_blocks=3, block_size=16, device="cpu", dtype=torch.float32)
     run(pair.ours, cache, [(1, b[:8], 0), (2, c[:3], 0)])  # b and c already part-way
     batched = run(pair.ours, cache, [(0, a, 0), (1, b[8:], 8), (2, c[3:], 3)])  # prefill, decode, chunk
     for seq, start, logits in ((a, 0, batched[0]), (b, 8, batched[1]), (c, 3, batched[2])):
         assert (logits - full_logits(pair.ours, seq)[start:]).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_paged_cache_with_scattered_blocks_and_batched_decode_equals_full_forward(pair):
+    """Blocks of 4 tokens handed out out of order; three sequences of different lengths decode together
+    (the padded, batched decode path) beside a chunked prefill."""
+    seqs = [prompt(pair, n, 40 + n) for n in (9, 22, 15, 13)]
+    tables = [(11, 2, 7, 0, 5, 14), (3, 9, 1, 12, 6, 15), (8, 4, 13, 10), (16, 17, 18, 19)]
+    cache = KVCache(pair.ours.cfg, num_blocks=20, block_size=4, device="cpu", dtype=torch.float32)
+    got: list[list[torch.Tensor]] = [[] for _ in seqs]
+
+    def step(parts):  # (seq index, start, length)
+        layout = BatchLayout(tuple(n for *_, n in parts), tuple(st for _, st, _ in parts), tuple(tables[i] for i, *_ in parts))
+        ids = torch.cat([seqs[i][st : st + n] for i, st, n in parts])
+        logits = pair.ours.compute_logits(pair.ours(ids, layout.positions(), layout, cache))
+        for (i, *_), chunk in zip(parts, logits.split(list(layout.query_lens))):
+            got[i].append(chunk)
+
+    step([(0, 0, 5), (1, 0, 12), (2, 0, 15)])
+    for pos in range(5, 9):  # three decodes at different positions together, plus seq 3's prefill chunks
+        step([(0, pos, 1), (1, 12 + pos - 5, 1), (3, (pos - 5) * 3, 3)])
+    step([(1, 16, 6), (3, 12, 1)])
+    for i, seq in enumerate(seqs):
+        if i == 2:
+            continue
+        logits = torch.cat(got[i])
+        assert (logits - full_logits(pair.ours, seq)[: len(logits)]).abs().max().item() <= 1e-5
+    assert (torch.cat(got[2]) - full_logits(pair.ours, seqs[2])).abs().max().item() <= 1e-5
 
 
 @torch.no_grad()
@@ -134,7 +162,7 @@ def test_greedy_32_tokens_equal_hf_generate(pair):
     # Guard against a flaky reference: every HF step must have a clear winner.
     assert min((s[0].topk(2).values[0] - s[0].topk(2).values[1]).item() for s in out.scores) > 1e-3
 
-    cache = KVCache(pair.ours.cfg, num_slots=1, max_seq_len=64, device="cpu", dtype=torch.float32)
+    cache = KVCache(pair.ours.cfg, num_blocks=1, block_size=64, device="cpu", dtype=torch.float32)
     logits = run(pair.ours, cache, [(0, seq, 0)])[0][-1]
     generated = []
     for step in range(32):
