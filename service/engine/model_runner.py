@@ -1,0 +1,44 @@
+"""Turns a scheduled batch into one GPT-2 forward and returns the logits the engine needs.
+
+Owns the KV cache tensors (sized by the engine from its memory budget) and the translation of sequences
+into a flat token batch with block tables. It knows nothing of sampling or text.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from service.model import BatchLayout, KVCache
+from service.model.loader import LoadedModel
+
+from .scheduler import ScheduledBatch
+
+
+@dataclass
+class RunnerOutput:
+    """Float32 logits for each scheduled sequence that reached the end of its tokens this step (the ones
+    that sample), in batch order; `None` for a sequence still part-way through a prefill chunk."""
+
+    last_logits: list[torch.Tensor | None]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int) -> None:
+        self.model, self.device = loaded.model, loaded.device
+        self.cache = KVCache(self.model.cfg, num_blocks, block_size, device=loaded.device, dtype=loaded.dtype)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> RunnerOutput:
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        layout = BatchLayout(
+            tuple(counts), tuple(s.num_computed_tokens for s in seqs), tuple(tuple(s.table.blocks) for s in seqs)
+        )
+        ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]]
+        ids = torch.tensor(ids, device=self.device)
+        hidden = self.model(ids, layout.positions(self.device), layout, self.cache)  # (T, n_embd)
+        ends = torch.tensor(counts).cumsum(0) - 1
+        complete = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts)]
+        rows = ends[torch.tensor(complete)].to(self.device)
+        logits = self.model.compute_logits(hidden[rows]).float()  # (num_complete, vocab)
+        it = iter(logits)
+        return RunnerOutput([next(it) if done else None for done in complete])

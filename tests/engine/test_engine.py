@@ -1,0 +1,169 @@
+"""The synchronous engine on a tiny random GPT-2: batched equals alone, HF parity, seeds, stops, memory."""
+
+import random
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from model_store import ModelStore
+from model_store.import_hf import import_hf
+from service.engine.engine import Engine, EngineConfig
+from service.engine.scheduler import SchedulerConfig
+from service.engine.types import FinishReason, SamplingParams
+from service.model import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(make_hf_model, tmp_path_factory):
+    src = make_hf_model(seed=5, config={"n_positions": 256})
+    store = ModelStore(tmp_path_factory.mktemp("engine-store"))
+    import_hf(store, str(src), "tiny")
+    hf = GPT2LMHeadModel.from_pretrained(src, attn_implementation="eager").eval()
+    return load_model(store, "tiny"), hf
+
+
+def make_engine(loaded, kv_tokens=4096, block_size=4, **sched):
+    cfg = loaded.model.cfg
+    kv_bytes = kv_tokens * 2 * cfg.n_layer * cfg.n_embd * 4
+    defaults = dict(max_num_seqs=32, max_num_batched_tokens=64, max_model_len=cfg.n_positions)
+    return Engine(loaded, EngineConfig(SchedulerConfig(**{**defaults, **sched}), kv_bytes, block_size, seed=0))
+
+
+def run_all(engine, arrivals):
+    """arrivals: {step: [(request_id, prompt, params)]}. Returns {request_id: (tokens, text, finish_reason)}."""
+    results, step = {}, 0
+    while engine.has_work or any(s >= step for s in arrivals):
+        for rid, prompt, params in arrivals.get(step, []):
+            engine.add(rid, prompt, params)
+            results[rid] = ([], "", None)
+        for out in engine.step():
+            tokens, text, _ = results[out.request_id]
+            results[out.request_id] = (tokens + out.token_ids, text + out.text, out.finish_reason)
+        step += 1
+        assert step < 5000
+    return results
+
+
+def random_prompts(n, vocab, seed, lo=2, hi=60):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+
+
+def test_greedy_alone_equals_hf_generate(tiny):
+    loaded, hf = tiny
+    prompt = random_prompts(1, loaded.model.cfg.vocab_size, 1, 10, 10)[0]
+    got = run_all(make_engine(loaded), {0: [("a", prompt, GREEDY)]})["a"]
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert got[0] == expected[0, 10:].tolist() and got[2] is FinishReason.LENGTH
+
+
+def test_greedy_alone_equals_inside_a_batch_of_16_staggered(tiny):
+    loaded, _ = tiny
+    vocab = loaded.model.cfg.vocab_size
+    target = random_prompts(1, vocab, 2, 30, 30)[0]
+    alone = run_all(make_engine(loaded), {0: [("t", target, GREEDY)]})["t"]
+    others = random_prompts(16, vocab, 3)
+    arrivals: dict[int, list] = {}
+    for i, p in enumerate(others):  # different lengths, arriving over the first steps, some before the target
+        arrivals.setdefault(i % 6, []).append((f"o{i}", p, SamplingParams(temperature=0.0, max_tokens=5 + i, ignore_eos=True)))
+    arrivals.setdefault(3, []).append(("t", target, GREEDY))
+    batched = run_all(make_engine(loaded, max_num_batched_tokens=48), arrivals)
+    assert batched["t"][0] == alone[0] and batched["t"][1] == alone[1]
+    for i, p in enumerate(others):
+        solo = run_all(make_engine(loaded), {0: [("x", p, SamplingParams(temperature=0.0, max_tokens=5 + i, ignore_eos=True))]})
+        assert batched[f"o{i}"][0] == solo["x"][0]
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(tiny):
+    loaded, _ = tiny
+    vocab = loaded.model.cfg.vocab_size
+    p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, seed=1234, ignore_eos=True)
+    prompt = random_prompts(1, vocab, 7, 12, 12)[0]
+    alone = run_all(make_engine(loaded), {0: [("s", prompt, p)]})["s"][0]
+    again = run_all(make_engine(loaded), {0: [("s", prompt, p)]})["s"][0]
+    noise = {0: [(f"n{i}", q, SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)) for i, q in enumerate(random_prompts(6, vocab, 8))]}
+    noise[2] = [("s", prompt, p)]
+    batched = run_all(make_engine(loaded), noise)["s"][0]
+    other_seed = run_all(make_engine(loaded), {0: [("s", prompt, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, seed=99, ignore_eos=True))]})["s"][0]
+    assert alone == again == batched
+    assert other_seed != alone
+
+
+def test_preemption_under_tiny_kv_budget_keeps_greedy_output(tiny):
+    loaded, _ = tiny
+    prompts = random_prompts(6, loaded.model.cfg.vocab_size, 11, 8, 30)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    roomy = run_all(make_engine(loaded), {0: [(f"r{i}", p, params) for i, p in enumerate(prompts)]})
+    tight_engine = make_engine(loaded, kv_tokens=64, block_size=4)
+    tight = run_all(tight_engine, {0: [(f"r{i}", p, params) for i, p in enumerate(prompts)]})
+    assert {k: v[0] for k, v in tight.items()} == {k: v[0] for k, v in roomy.items()}
+    assert tight_engine.kv.usage == 0.0
+
+
+def test_preemption_happens_with_tiny_budget(tiny):
+    loaded, _ = tiny
+    engine = make_engine(loaded, kv_tokens=64, block_size=4)
+    prompts = random_prompts(6, loaded.model.cfg.vocab_size, 11, 8, 30)
+    for i, p in enumerate(prompts):
+        engine.add(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    seqs = [r.seq for r in engine.requests.values()]
+    while engine.has_work:
+        engine.step()
+    assert sum(s.num_preemptions for s in seqs) > 0
+
+
+def test_abort_frees_kv(tiny):
+    loaded, _ = tiny
+    engine = make_engine(loaded)
+    engine.add("a", list(range(1, 40)), SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.kv.usage > 0
+    engine.abort("a")
+    assert engine.kv.usage == 0.0 and not engine.has_work
+
+
+def test_stop_token_ids_max_tokens_and_eos(tiny):
+    loaded, _ = tiny
+    prompt = random_prompts(1, loaded.model.cfg.vocab_size, 4, 10, 10)[0]
+    free = run_all(make_engine(loaded), {0: [("a", prompt, GREEDY)]})["a"][0]
+    stop_id = free[5]
+    first = free.index(stop_id)
+    got = run_all(make_engine(loaded), {0: [("a", prompt, SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=(stop_id,), ignore_eos=True))]})["a"]
+    assert got[0] == free[: first + 1] and got[2] is FinishReason.STOP
+    engine = make_engine(loaded)
+    engine.eos_token_id = stop_id  # as if the model's EOS were this token
+    got = run_all(engine, {0: [("a", prompt, SamplingParams(temperature=0.0, max_tokens=20))]})["a"]
+    assert got[0] == free[: first + 1] and got[2] is FinishReason.STOP
+    got = run_all(engine, {0: [("b", prompt, SamplingParams(temperature=0.0, max_tokens=20, min_tokens=first + 2))]})["b"]
+    assert len(got[0]) > first + 1
+
+
+def test_stop_string_trimmed_and_text_equals_decode(tiny):
+    loaded, _ = tiny
+    prompt = random_prompts(1, loaded.model.cfg.vocab_size, 4, 10, 10)[0]
+    tokens, text, _ = run_all(make_engine(loaded), {0: [("a", prompt, GREEDY)]})["a"]
+    assert text == loaded.tokenizer.decode(tokens)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert len(stop) == 3
+    _, stopped_text, reason = run_all(make_engine(loaded), {0: [("a", prompt, SamplingParams(temperature=0.0, max_tokens=20, stop=(stop,), ignore_eos=True))]})["a"]
+    assert reason is FinishReason.STOP and stopped_text == text[: text.index(stop)]
+
+
+def test_prefix_reuse_gives_same_output(tiny):
+    loaded, _ = tiny
+    shared = random_prompts(1, loaded.model.cfg.vocab_size, 9, 40, 40)[0]
+    engine = make_engine(loaded)
+    run_all(engine, {0: [("a", shared + [1, 2], GREEDY)]})
+    engine.add("b", shared + [3], GREEDY)
+    seq = engine.requests["b"].seq
+    reused = []
+    while engine.has_work:
+        reused += [t for out in engine.step() for t in out.token_ids]
+    assert seq.num_cached_tokens == 40  # 10 full blocks of 4 reused, only the last token computed
+    fresh = run_all(make_engine(loaded), {0: [("b", shared + [3], GREEDY)]})["b"][0]
+    assert reused == fresh
