@@ -1,0 +1,131 @@
+"""The engine thread and its asyncio facade: what the HTTP layer talks to.
+
+One thread owns the `Engine` and everything in it. The asyncio side never touches engine state: it sends
+commands (add, abort, stop) through a thread-safe queue, and each request gets its outputs back through its
+own asyncio queue, fed with `call_soon_threadsafe`. Commands are applied between steps, so an abort frees
+the request's KV before the next step runs.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .engine import Engine, EngineOutput
+from .types import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDead(RuntimeError):
+    """The engine thread failed or was stopped; in-flight and new requests get this."""
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    out: asyncio.Queue
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._outs: dict[str, asyncio.Queue] = {}  # engine thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        """Start the engine thread; call from inside the event loop that will consume outputs."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._commands.put(_STOP)
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[EngineOutput]:
+        """Stream a request's outputs. Leaving the iteration early (client gone) aborts the request.
+
+        Raises QueueFull / TooLarge from the scheduler at admission, or EngineDead.
+        """
+        if not self.alive:
+            raise EngineDead("the engine is not running") from self.error
+        out: asyncio.Queue = asyncio.Queue()
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, out))
+        finished = False
+        try:
+            while not finished:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    # -- engine thread ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._apply(self._commands.get()):  # idle: block until there is something to do
+                    return
+                while self.engine.has_work:
+                    while not self._commands.empty():
+                        if not self._apply(self._commands.get_nowait()):
+                            return
+                    for output in self.engine.step():
+                        self._send(output.request_id, output, last=output.finished)
+        except BaseException as exc:  # a failed step must not leave requests hanging
+            self.error = exc
+            dead = EngineDead(f"engine step failed: {type(exc).__name__}: {exc}")
+            for request_id in list(self._outs):
+                self._send(request_id, dead, last=True)
+            logger.exception("engine thread stopped after a failed step")
+        finally:
+            for request_id in list(self._outs):
+                self._send(request_id, EngineDead("the engine stopped"), last=True)
+
+    def _apply(self, command) -> bool:
+        if command is _STOP:
+            return False
+        if isinstance(command, _Abort):
+            self.engine.abort(command.request_id)
+            self._outs.pop(command.request_id, None)
+        else:
+            try:
+                self.engine.add(command.request_id, command.prompt_token_ids, command.params)
+            except Exception as exc:  # QueueFull, TooLarge: the request's own error, not the engine's
+                self._loop.call_soon_threadsafe(command.out.put_nowait, exc)
+            else:
+                self._outs[command.request_id] = command.out
+        return True
+
+    def _send(self, request_id: str, item, *, last: bool) -> None:
+        out = self._outs.pop(request_id) if last else self._outs.get(request_id)
+        if out is not None:
+            self._loop.call_soon_threadsafe(out.put_nowait, item)

@@ -1,0 +1,97 @@
+"""The engine thread and asyncio facade: concurrent streams equal the synchronous engine, aborts free
+memory, admission errors reach the caller, a failing step errors every request instead of hanging."""
+
+import asyncio
+
+import pytest
+
+from service.engine.async_engine import AsyncEngine, EngineDead
+from service.engine.scheduler import QueueFull
+from service.engine.types import SamplingParams
+
+from .test_engine import GREEDY, make_engine, random_prompts, run_all, tiny  # noqa: F401
+
+
+async def collect(engine: AsyncEngine, rid, prompt, params):
+    tokens, text, reason = [], "", None
+    async for out in engine.generate(rid, prompt, params):
+        tokens += out.token_ids
+        text += out.text
+        reason = out.finish_reason
+    return tokens, text, reason
+
+
+def test_concurrent_streams_equal_sync_engine(tiny):
+    loaded, _ = tiny
+    prompts = random_prompts(8, loaded.model.cfg.vocab_size, 21)
+    expected = run_all(make_engine(loaded), {0: [(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]})
+
+    async def main():
+        engine = AsyncEngine(make_engine(loaded))
+        engine.start()
+        try:
+            return await asyncio.gather(*(collect(engine, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)))
+        finally:
+            engine.stop()
+
+    got = asyncio.run(main())
+    assert {f"r{i}": g for i, g in enumerate(got)} == expected
+
+
+def test_leaving_a_stream_aborts_and_frees_kv(tiny):
+    loaded, _ = tiny
+
+    async def main():
+        engine = AsyncEngine(make_engine(loaded))
+        engine.start()
+        try:
+            stream = engine.generate("long", list(range(1, 30)), SamplingParams(max_tokens=200, ignore_eos=True))
+            async for _ in stream:
+                break  # the client went away after one token
+            await stream.aclose()
+            # Commands are applied in order, so once this probe finishes the abort has been applied.
+            await collect(engine, "probe", [1, 2, 3], SamplingParams(max_tokens=1, ignore_eos=True))
+            return engine.engine.kv.usage, dict(engine.engine.requests)
+        finally:
+            engine.stop()
+
+    usage, requests = asyncio.run(main())
+    assert usage == 0.0 and requests == {}
+
+
+def test_queue_full_reaches_the_caller(tiny):
+    loaded, _ = tiny
+
+    async def main():
+        engine = AsyncEngine(make_engine(loaded, max_waiting=1, max_num_seqs=1))
+        engine.start()
+        try:
+            params = SamplingParams(max_tokens=30, ignore_eos=True)
+            first = asyncio.ensure_future(collect(engine, "a", [1, 2], params))
+            results = await asyncio.gather(*(collect(engine, f"b{i}", [1, 2], params) for i in range(4)), return_exceptions=True)
+            return results, await first
+        finally:
+            engine.stop()
+
+    results, first = asyncio.run(main())
+    assert any(isinstance(r, QueueFull) for r in results)  # 5 requests, 1 running + 1 waiting at most
+    assert all(isinstance(r, (QueueFull, tuple)) for r in results)
+    assert len(first[0]) == 30
+
+
+def test_failing_step_errors_requests_instead_of_hanging(tiny):
+    loaded, _ = tiny
+
+    async def main():
+        sync = make_engine(loaded)
+        sync.runner.run = lambda batch: (_ for _ in ()).throw(RuntimeError("boom"))
+        engine = AsyncEngine(sync)
+        engine.start()
+        with pytest.raises(EngineDead, match="boom"):
+            await asyncio.wait_for(collect(engine, "a", [1, 2], GREEDY), timeout=60)
+        engine._thread.join(timeout=60)
+        assert not engine.alive
+        with pytest.raises(EngineDead):
+            await collect(engine, "b", [1, 2], GREEDY)
+
+    asyncio.run(main())
