@@ -15,10 +15,10 @@ from service.model.loader import LoadedModel
 from .detokenizer import IncrementalDetokenizer, StopChecker, TokenBytes
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner
-from .sampler import Sampler, SamplingRow, make_generator
+from .sampler import Sampler, SamplingRow, logprobs_topn, make_generator
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
-from .types import FinishReason, SamplingParams
+from .types import FinishReason, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,9 @@ class EngineOutput:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # On the request's first output only, when prompt logprobs were asked for: one entry per prompt token
+    # from `score_from` on (the first prompt token has none: nothing precedes it).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
@@ -51,6 +54,8 @@ class _Request:
     generator: torch.Generator | None
     detok: IncrementalDetokenizer
     stop: StopChecker
+    prompt_logprobs: list[TokenLogprob] | None = None
+    sent_prompt_logprobs: bool = False
 
 
 class Engine:
@@ -68,12 +73,22 @@ class Engine:
         self.eos_token_id = loaded.manifest.tokenizer.eos_token_id
         self.requests: dict[str, _Request] = {}
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, score_from: int | None = None
+    ) -> None:
+        """Queue a request. `max_tokens == 0` scores the prompt without generating. With
+        `params.prompt_logprobs` set, logprobs of prompt tokens from `score_from` (default 1) are returned;
+        tokens before `score_from` may be served from the prefix cache (context + continuation scoring)."""
         assert request_id not in self.requests, f"duplicate request id {request_id}"
-        seq = Sequence(request_id, list(prompt_token_ids), params, arrival=time.monotonic())
+        if params.prompt_logprobs is not None and score_from is None:
+            score_from = 1
+        seq = Sequence(request_id, list(prompt_token_ids), params, score_only=params.max_tokens == 0,
+                       score_from=score_from, arrival=time.monotonic())  # fmt: skip
         self.scheduler.add(seq)  # raises QueueFull / TooLarge before anything is recorded
         generator = make_generator(params.seed, self.loaded.device) if params.seed is not None else None
-        self.requests[request_id] = _Request(seq, generator, IncrementalDetokenizer(self.token_bytes), StopChecker(params.stop))
+        request = _Request(seq, generator, IncrementalDetokenizer(self.token_bytes), StopChecker(params.stop))
+        request.prompt_logprobs = [] if score_from is not None else None
+        self.requests[request_id] = request
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -89,13 +104,35 @@ class Engine:
         if not batch:
             return []
         result = self.runner.run(batch)
+        for seq, chunk in zip(batch.seqs, result.prompt_logits):
+            if chunk is not None:
+                self._record_prompt_logprobs(seq, *chunk)
         self.scheduler.computed(batch)
-        sampling = [(s, logits) for s, logits in zip(batch.seqs, result.last_logits) if logits is not None]
-        if not sampling:
-            return []
-        rows = [SamplingRow(s.params, self.requests[s.request_id].generator, s.token_ids[: s.num_prompt_tokens], s.output_token_ids) for s, _ in sampling]
-        sampled = self.sampler(torch.stack([logits for _, logits in sampling]), rows)
-        return [self._update(s, i, sampled) for i, (s, _) in enumerate(sampling)]
+        outputs = [self._finish_scoring(s) for s in batch.seqs if s.score_only and s.num_uncomputed == 0]
+        sampling = [(s, lg) for s, lg in zip(batch.seqs, result.last_logits) if lg is not None and not s.score_only]
+        if sampling:
+            rows = [SamplingRow(s.params, self.requests[s.request_id].generator, s.token_ids[: s.num_prompt_tokens], s.output_token_ids) for s, _ in sampling]
+            sampled = self.sampler(torch.stack([logits for _, logits in sampling]), rows)
+            outputs += [self._update(s, i, sampled) for i, (s, _) in enumerate(sampling)]
+        return outputs
+
+    def _record_prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
+        """Logits at positions first.. predict prompt tokens first+1..; keep only ones not yet recorded
+        (a preempted sequence recomputes positions it already scored)."""
+        request = self.requests[seq.request_id]
+        targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + len(logits)], device=logits.device)
+        chosen, top_ids, top_lps = logprobs_topn(logits, targets, seq.params.prompt_logprobs or 0)
+        greedy = (logits.argmax(-1) == targets).tolist()
+        next_target = seq.score_from + len(request.prompt_logprobs)
+        for i, (tok, lp, ids, lps, g) in enumerate(zip(targets.tolist(), chosen.tolist(), top_ids.tolist(), top_lps.tolist(), greedy)):
+            if first + 1 + i == next_target:
+                request.prompt_logprobs.append(TokenLogprob(tok, lp, tuple(zip(ids, lps)), g))
+                next_target += 1
+
+    def _finish_scoring(self, seq: Sequence) -> EngineOutput:
+        request = self.requests.pop(seq.request_id)
+        self.scheduler.finish(seq, FinishReason.LENGTH)
+        return EngineOutput(seq.request_id, [], "", finish_reason=FinishReason.LENGTH, prompt_logprobs=request.prompt_logprobs)
 
     def _update(self, seq: Sequence, i: int, sampled) -> EngineOutput:
         request = self.requests[seq.request_id]
@@ -106,6 +143,8 @@ class Engine:
         if reason is not None and not stopped:
             text += self._flush(request)
         out = EngineOutput(seq.request_id, [token], text, [sampled.logprobs[i]], [sampled.top_logprobs[i]], reason)
+        if not request.sent_prompt_logprobs:
+            out.prompt_logprobs, request.sent_prompt_logprobs = request.prompt_logprobs, True
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]

@@ -20,6 +20,9 @@ class RunnerOutput:
     that sample), in batch order; `None` for a sequence still part-way through a prefill chunk."""
 
     last_logits: list[torch.Tensor | None]
+    # Per sequence that wants prompt logprobs: (first position, float32 logits (n, vocab)) for the
+    # positions in this chunk that predict a wanted prompt token; None otherwise.
+    prompt_logits: list[tuple[int, torch.Tensor] | None]
 
 
 class ModelRunner:
@@ -41,4 +44,19 @@ class ModelRunner:
         rows = ends[torch.tensor(complete)].to(self.device)
         logits = self.model.compute_logits(hidden[rows]).float()  # (num_complete, vocab)
         it = iter(logits)
-        return RunnerOutput([next(it) if done else None for done in complete])
+        last = [next(it) if done else None for done in complete]
+        return RunnerOutput(last, self._prompt_logits(seqs, counts, hidden))
+
+    def _prompt_logits(self, seqs, counts, hidden: torch.Tensor) -> list[tuple[int, torch.Tensor] | None]:
+        out, start = [], 0
+        for seq, n in zip(seqs, counts):
+            first = seq.num_computed_tokens
+            lo = max(first, (seq.score_from or 1) - 1)
+            hi = min(first + n, seq.num_prompt_tokens - 1)  # position j predicts token j + 1
+            if seq.score_from is None or lo >= hi:
+                out.append(None)
+            else:
+                rows = hidden[start + lo - first : start + hi - first]
+                out.append((lo, self.model.compute_logits(rows).float()))  # (hi - lo, vocab)
+            start += n
+        return out

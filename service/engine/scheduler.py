@@ -98,7 +98,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if not seq.table.blocks:
-                seq.num_computed_tokens = self.kv.match_prefix(seq.token_ids, seq.table)
+                seq.num_computed_tokens = self.kv.match_prefix(seq.reusable_prefix, seq.table)
                 if seq.num_preemptions == 0:
                     seq.num_cached_tokens = seq.num_computed_tokens
             n = min(seq.num_uncomputed, budget)

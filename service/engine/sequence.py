@@ -24,13 +24,16 @@ class Status(Enum):
 class Sequence:
     """`token_ids` is prompt + output so far. Tokens [0, num_computed_tokens) have KV in `table`.
 
-    A scoring sequence (`score_only`) computes its prompt and finishes without generating.
+    A scoring sequence (`score_only`) computes its prompt and finishes without generating. When
+    `score_from` is set, the logprob of every prompt token from that index on is wanted, so positions
+    before it may come from the prefix cache but the ones after it must be computed.
     """
 
     request_id: str
     token_ids: list[int]
     params: SamplingParams
     score_only: bool = False
+    score_from: int | None = None
     arrival: float = 0.0
     num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0
@@ -44,6 +47,11 @@ class Sequence:
     def __post_init__(self) -> None:
         assert self.token_ids, "a sequence needs at least one token"
         self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def reusable_prefix(self) -> list[int]:
+        """The tokens whose KV may come from the prefix cache (the last one is always computed)."""
+        return self.token_ids if self.score_from is None else self.token_ids[: self.score_from]
 
     @property
     def num_tokens(self) -> int:

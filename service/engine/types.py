@@ -44,3 +44,14 @@ class FinishReason(str, Enum):
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # the client went away or the request was cancelled
     ERROR = "error"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A prompt token's float32 logprob given everything before it, its top-N alternatives, and whether
+    it is the model's greedy choice at that position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    greedy: bool
