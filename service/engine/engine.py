@@ -5,6 +5,7 @@ step into plain `EngineOutput` deltas. It does no I/O and knows nothing of HTTP;
 asyncio facade drive it.
 """
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30
     block_size: int = 16
     seed: int | None = None
+    num_threads: int | None = None  # CPU threads for torch; default: the cores this process may use
 
 
 @dataclass
@@ -61,6 +63,7 @@ class _Request:
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> None:
         cfg = loaded.model.cfg
+        torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
         bytes_per_block = 2 * cfg.n_layer * cfg.n_embd * loaded.dtype.itemsize * config.block_size
         num_blocks = config.kv_cache_bytes // bytes_per_block
         assert num_blocks > 0, "kv_cache_bytes is too small for one block"

@@ -1,6 +1,8 @@
 """Load a store version onto a device in a compute dtype: verified hashes, strict weights, tokenizer.
 
-Owns the device/dtype rules: float32 and bfloat16 everywhere, float16 on CUDA only.
+Owns the device/dtype rules: float32 and bfloat16 everywhere, float16 on CUDA only, and `auto`: bfloat16
+where the hardware has bf16 matrix units (AMX CPUs, CUDA sm80+), else float32. Without such units bf16
+matmuls are emulated and slower than float32 (measured 20 vs 96 GFLOP/s on an AVX2-only EPYC).
 """
 
 from dataclasses import dataclass
@@ -38,9 +40,17 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def has_bf16_matrix_units(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return torch.cpu._is_amx_tile_supported()
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if has_bf16_matrix_units(device) else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
     if dtype == "float16" and device.type != "cuda":
         raise ValueError("float16 is supported on CUDA only; use float32 or bfloat16 on CPU")
     return DTYPES[dtype]

@@ -232,3 +232,13 @@ def test_arch_config_is_what_hf_would_build(pair):
         scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
         tie_word_embeddings=cfg.tie_word_embeddings,
     )  # fmt: skip
+
+
+def test_auto_dtype_follows_bf16_matrix_units(monkeypatch):
+    from service.model import loader
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert loader.resolve_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert loader.resolve_dtype("auto", cpu) is torch.float32
