@@ -17,17 +17,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
-from model_store import ModelStore
-from model_store.import_hf import import_hf
 from service.engine.engine import Engine, EngineConfig
 from service.engine.scheduler import SchedulerConfig
 from service.engine.types import SamplingParams
 from service.model import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import machine, random_gpt2_small  # noqa: E402
 
 PROMPT_LEN = 32
 
@@ -73,14 +71,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     print(machine())
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        hf = GPT2LMHeadModel(GPT2Config(attn_pdrop=0, embd_pdrop=0, resid_pdrop=0)).eval()
-        hf.save_pretrained(Path(tmp) / "hf")
-        from tokenizers import Tokenizer, models  # a placeholder tokenizer: the benchmark feeds token ids
-
-        Tokenizer(models.BPE()).save(str(Path(tmp) / "hf" / "tokenizer.json"))
-        store = ModelStore(Path(tmp) / "store")
-        import_hf(store, str(Path(tmp) / "hf"), "bench")
+        store, hf = random_gpt2_small(Path(tmp))
         loaded = load_model(store, "bench", dtype=args.dtype)
         hf = hf.to(getattr(torch, args.dtype))
         kv_tokens = max(batches) * (PROMPT_LEN + new_tokens) + 1024

@@ -14,14 +14,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
-from model_store import ModelStore
-from model_store.import_hf import import_hf
 from service.model import GPT2, BatchLayout, KVCache, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median_time  # noqa: E402
+from common import machine, random_gpt2_small, median_time  # noqa: E402
 
 
 def our_prefill(model: GPT2, ids: torch.Tensor) -> None:
@@ -51,14 +49,7 @@ def main() -> None:
     print(machine())
 
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        hf = GPT2LMHeadModel(GPT2Config(attn_pdrop=0, embd_pdrop=0, resid_pdrop=0)).eval()
-        hf.save_pretrained(Path(tmp) / "hf")
-        from tokenizers import Tokenizer, models  # a placeholder tokenizer: the benchmark feeds token ids
-
-        Tokenizer(models.BPE()).save(str(Path(tmp) / "hf" / "tokenizer.json"))
-        store = ModelStore(Path(tmp) / "store")
-        import_hf(store, str(Path(tmp) / "hf"), "bench")
+        store, hf = random_gpt2_small(Path(tmp))
         ours = {dt: load_model(store, "bench", dtype=dt).model for dt in ("float32", "bfloat16")}
         hf_bf16 = GPT2LMHeadModel.from_pretrained(Path(tmp) / "hf", dtype=torch.bfloat16).eval()
 

@@ -9,7 +9,7 @@ from service.engine.async_engine import AsyncEngine, EngineDead
 from service.engine.scheduler import QueueFull
 from service.engine.types import SamplingParams
 
-from .test_engine import GREEDY, make_engine, random_prompts, run_all, tiny  # noqa: F401
+from .test_engine import GREEDY, make_engine, random_prompts, run_all
 
 
 async def collect(engine: AsyncEngine, rid, prompt, params):

@@ -6,7 +6,7 @@ import torch
 from service.engine.scoring import rolling_windows
 from service.engine.types import SamplingParams
 
-from .test_engine import make_engine, random_prompts, tiny  # noqa: F401
+from .test_engine import make_engine, random_prompts
 
 SCORE = SamplingParams(max_tokens=0, prompt_logprobs=5)
 
