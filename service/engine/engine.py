@@ -19,7 +19,7 @@ from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingRow, logprobs_topn, make_generator
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
-from .types import FinishReason, SamplingParams, TokenLogprob
+from .types import FinishReason, RequestStats, SamplingParams, StepStats, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class EngineOutput:
     # On the request's first output only, when prompt logprobs were asked for: one entry per prompt token
     # from `score_from` on (the first prompt token has none: nothing precedes it).
     prompt_logprobs: list[TokenLogprob] | None = None
+    stats: RequestStats | None = None  # on the final output only
 
     @property
     def finished(self) -> bool:
@@ -56,6 +57,7 @@ class _Request:
     generator: torch.Generator | None
     detok: IncrementalDetokenizer
     stop: StopChecker
+    stats: RequestStats
     prompt_logprobs: list[TokenLogprob] | None = None
     sent_prompt_logprobs: bool = False
 
@@ -75,6 +77,7 @@ class Engine:
         self.token_bytes = TokenBytes(loaded.tokenizer)
         self.eos_token_id = loaded.manifest.tokenizer.eos_token_id
         self.requests: dict[str, _Request] = {}
+        self.last_step: StepStats | None = None
 
     def add(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, score_from: int | None = None
@@ -89,7 +92,8 @@ class Engine:
                        score_from=score_from, arrival=time.monotonic())  # fmt: skip
         self.scheduler.add(seq)  # raises QueueFull / TooLarge before anything is recorded
         generator = make_generator(params.seed, self.loaded.device) if params.seed is not None else None
-        request = _Request(seq, generator, IncrementalDetokenizer(self.token_bytes), StopChecker(params.stop))
+        stats = RequestStats(seq.arrival, seq.num_prompt_tokens)
+        request = _Request(seq, generator, IncrementalDetokenizer(self.token_bytes), StopChecker(params.stop), stats)
         request.prompt_logprobs = [] if score_from is not None else None
         self.requests[request_id] = request
 
@@ -103,9 +107,21 @@ class Engine:
         return self.scheduler.has_work
 
     def step(self) -> list[EngineOutput]:
+        start = time.monotonic()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        for seq in batch.seqs:
+            stats = self.requests[seq.request_id].stats
+            stats.first_scheduled = stats.first_scheduled or start
+        outputs = self._run(batch)
+        self.last_step = StepStats(
+            len(batch.seqs), batch.num_tokens, len(batch.preempted), len(self.scheduler.running),
+            len(self.scheduler.waiting), self.kv.usage, time.monotonic() - start,
+        )  # fmt: skip
+        return outputs
+
+    def _run(self, batch) -> list[EngineOutput]:
         result = self.runner.run(batch)
         for seq, chunk in zip(batch.seqs, result.prompt_logits):
             if chunk is not None:
@@ -135,12 +151,14 @@ class Engine:
     def _finish_scoring(self, seq: Sequence) -> EngineOutput:
         request = self.requests.pop(seq.request_id)
         self.scheduler.finish(seq, FinishReason.LENGTH)
-        return EngineOutput(seq.request_id, [], "", finish_reason=FinishReason.LENGTH, prompt_logprobs=request.prompt_logprobs)
+        return EngineOutput(seq.request_id, [], "", finish_reason=FinishReason.LENGTH,
+                            prompt_logprobs=request.prompt_logprobs, stats=self._final_stats(request))  # fmt: skip
 
     def _update(self, seq: Sequence, i: int, sampled) -> EngineOutput:
         request = self.requests[seq.request_id]
         token = sampled.token_ids[i]
         seq.token_ids.append(token)
+        request.stats.token(time.monotonic())
         text, stopped = request.stop.push(request.detok.add(token))
         reason = FinishReason.STOP if stopped else self._finish_reason(seq, token)
         if reason is not None and not stopped:
@@ -151,7 +169,14 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
+            out.stats = self._final_stats(request)
         return out
+
+    @staticmethod
+    def _final_stats(request: _Request) -> RequestStats:
+        request.stats.num_cached_tokens = request.seq.num_cached_tokens
+        request.stats.num_preemptions = request.seq.num_preemptions
+        return request.stats
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params

@@ -55,3 +55,47 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[int, float], ...]
     greedy: bool
+
+
+@dataclass
+class RequestStats:
+    """Per-request timings (time.monotonic seconds) and counts, for metrics; final on the last output."""
+
+    arrival: float
+    num_prompt_tokens: int
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    inter_token_latencies: list[float] = field(default_factory=list)
+    num_generated_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_preemptions: int = 0
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    def token(self, now: float) -> None:
+        if self.first_token is None:
+            self.first_token = now
+        else:
+            self.inter_token_latencies.append(now - self.last_token)
+        self.last_token = now
+        self.num_generated_tokens += 1
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One engine step, for metrics."""
+
+    num_seqs: int
+    num_tokens: int
+    num_preempted: int
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    duration_s: float

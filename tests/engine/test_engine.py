@@ -153,3 +153,21 @@ def test_prefix_reuse_gives_same_output(tiny):
     assert seq.num_cached_tokens == 40  # 10 full blocks of 4 reused, only the last token computed
     fresh = run_all(make_engine(loaded), {0: [("b", shared + [3], GREEDY)]})["b"][0]
     assert reused == fresh
+
+
+def test_request_and_step_stats(tiny):
+    loaded, _ = tiny
+    engine = make_engine(loaded)
+    shared = list(range(1, 30))
+    run_all(engine, {0: [("warm", shared, SamplingParams(max_tokens=1, ignore_eos=True))]})
+    engine.add("a", shared + [40], SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True))
+    final = None
+    while engine.has_work:
+        for out in engine.step():
+            assert (out.stats is not None) == out.finished
+            final = out.stats or final
+        assert engine.last_step.num_seqs == 1 and engine.last_step.num_tokens >= 1
+    assert final.num_prompt_tokens == 30 and final.num_generated_tokens == 7 and final.num_cached_tokens == 28
+    assert len(final.inter_token_latencies) == 6 and all(t >= 0 for t in final.inter_token_latencies)
+    assert 0 <= final.queue_time <= final.time_to_first_token
+    assert engine.last_step.kv_usage == 0.0 and engine.last_step.num_running == 0
