@@ -130,7 +130,8 @@ class Engine:
         outputs = [self._finish_scoring(s) for s in batch.seqs if s.score_only and s.num_uncomputed == 0]
         sampling = [(s, lg) for s, lg in zip(batch.seqs, result.last_logits) if lg is not None and not s.score_only]
         if sampling:
-            rows = [SamplingRow(s.params, self.requests[s.request_id].generator, s.token_ids[: s.num_prompt_tokens], s.output_token_ids) for s, _ in sampling]
+            rows = [SamplingRow(s.params, self.requests[s.request_id].generator, s.token_ids[: s.num_prompt_tokens],
+                                s.output_token_ids, self._banned(s)) for s, _ in sampling]  # fmt: skip
             sampled = self.sampler(torch.stack([logits for _, logits in sampling]), rows)
             outputs += [self._update(s, i, sampled) for i, (s, _) in enumerate(sampling)]
         return outputs
@@ -177,6 +178,14 @@ class Engine:
         request.stats.num_cached_tokens = request.seq.num_cached_tokens
         request.stats.num_preemptions = request.seq.num_preemptions
         return request.stats
+
+    def _banned(self, seq: Sequence) -> tuple[int, ...]:
+        """Before min_tokens, the tokens that would end the request are masked (vLLM's rule), so they
+        neither stop it nor appear in its output."""
+        if seq.num_output_tokens >= seq.params.min_tokens:
+            return ()
+        eos = () if seq.params.ignore_eos or self.eos_token_id is None else (self.eos_token_id,)
+        return eos + tuple(seq.params.stop_token_ids)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params

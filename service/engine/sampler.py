@@ -38,6 +38,7 @@ class SamplingRow:
     generator: torch.Generator | None  # the request's own generator when it has a seed, else None
     prompt_token_ids: Sequence[int]  # repetition penalty covers prompt + output (HF/vLLM rule)
     output_token_ids: Sequence[int]  # presence/frequency cover output only (OpenAI rule)
+    banned_token_ids: Sequence[int] = ()  # never chosen this step (EOS and stop ids before min_tokens)
 
 
 @dataclass
@@ -126,7 +127,7 @@ def _apply_presence_frequency(logits: torch.Tensor, rows: Sequence[SamplingRow])
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """logit_bias, then repetition, then presence/frequency, on float32 (B, V) logits.
+    """logit_bias, then repetition, then presence/frequency, then bans, on float32 (B, V) logits.
 
     Returns a new tensor when anything applies and the input itself when nothing does (never mutates it).
     """
@@ -137,6 +138,10 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         logits = _apply_repetition(logits, rows)
     if any(r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0 for r in rows):
         logits = _apply_presence_frequency(logits, rows)
+    if any(r.banned_token_ids for r in rows):
+        logits = logits.clone()
+        for i, row in enumerate(rows):
+            logits[i, list(row.banned_token_ids)] = float("-inf")
     return logits
 
 

@@ -127,6 +127,7 @@ def test_stop_token_ids_max_tokens_and_eos(tiny):
     assert got[0] == free[: first + 1] and got[2] is FinishReason.STOP
     got = run_all(engine, {0: [("b", prompt, SamplingParams(temperature=0.0, max_tokens=20, min_tokens=first + 2))]})["b"]
     assert len(got[0]) > first + 1
+    assert stop_id not in got[0][: first + 2]  # masked before min_tokens: neither stops nor appears
 
 
 def test_stop_string_trimmed_and_text_equals_decode(tiny):
