@@ -24,7 +24,7 @@ from transformers import GPT2LMHeadModel
 from service.engine.engine import Engine, EngineConfig
 from service.engine.scheduler import SchedulerConfig
 from service.engine.types import SamplingParams
-from service.model import load_model
+from service.model import KVCache, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, random_gpt2_small  # noqa: E402
@@ -107,7 +107,7 @@ def main() -> None:
         loaded = load_model(store, "bench", dtype=args.dtype)
         hf = hf.to(getattr(torch, args.dtype))
         kv_tokens = max(64 * 256, max(batches, default=0) * (PROMPT_LEN + new_tokens)) + 1024
-        kv_bytes = kv_tokens * 2 * 12 * 768 * getattr(torch, args.dtype).itemsize
+        kv_bytes = kv_tokens * KVCache.bytes_per_token(loaded.model.cfg, loaded.dtype)
         config = EngineConfig(SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048), kv_bytes)
         rng = torch.Generator().manual_seed(1)
         rows = []

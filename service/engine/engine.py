@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.model import KVCache
 from service.model.loader import LoadedModel
 
 from .detokenizer import IncrementalDetokenizer, StopChecker, TokenBytes
@@ -66,7 +67,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> None:
         cfg = loaded.model.cfg
         torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
-        bytes_per_block = 2 * cfg.n_layer * cfg.n_embd * loaded.dtype.itemsize * config.block_size
+        bytes_per_block = KVCache.bytes_per_token(cfg, loaded.dtype) * config.block_size
         num_blocks = config.kv_cache_bytes // bytes_per_block
         assert num_blocks > 0, "kv_cache_bytes is too small for one block"
         self.loaded, self.config = loaded, config

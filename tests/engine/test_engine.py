@@ -7,11 +7,12 @@ import torch
 from service.engine.engine import Engine, EngineConfig
 from service.engine.scheduler import SchedulerConfig
 from service.engine.types import FinishReason, SamplingParams
+from service.model import KVCache
 
 
 def make_engine(loaded, kv_tokens=4096, block_size=4, **sched):
     cfg = loaded.model.cfg
-    kv_bytes = kv_tokens * 2 * cfg.n_layer * cfg.n_embd * 4
+    kv_bytes = kv_tokens * KVCache.bytes_per_token(cfg, loaded.dtype)
     defaults = dict(max_num_seqs=32, max_num_batched_tokens=64, max_model_len=cfg.n_positions)
     return Engine(loaded, EngineConfig(SchedulerConfig(**{**defaults, **sched}), kv_bytes, block_size, seed=0))
 
