@@ -94,9 +94,8 @@ class Engine:
         self.scheduler.add(seq)  # raises QueueFull / TooLarge before anything is recorded
         generator = make_generator(params.seed, self.loaded.device) if params.seed is not None else None
         stats = RequestStats(seq.arrival, seq.num_prompt_tokens)
-        request = _Request(seq, generator, IncrementalDetokenizer(self.token_bytes), StopChecker(params.stop), stats)
-        request.prompt_logprobs = [] if score_from is not None else None
-        self.requests[request_id] = request
+        self.requests[request_id] = _Request(seq, generator, IncrementalDetokenizer(self.token_bytes),
+                                             StopChecker(params.stop), stats, [] if score_from is not None else None)  # fmt: skip
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -138,17 +137,17 @@ class Engine:
         return outputs
 
     def _record_prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
-        """Logits at positions first.. predict prompt tokens first+1..; keep only ones not yet recorded
+        """Logits at positions first.. predict prompt tokens first+1..; skip the ones already recorded
         (a preempted sequence recomputes positions it already scored)."""
         request = self.requests[seq.request_id]
-        targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + len(logits)], device=logits.device)
+        skip = seq.score_from + len(request.prompt_logprobs) - (first + 1)  # chunks arrive in order: no gaps
+        assert skip >= 0
+        logits = logits[skip:]
+        targets = torch.tensor(seq.token_ids[first + 1 + skip : first + 1 + skip + len(logits)], device=logits.device)
         chosen, top_ids, top_lps = logprobs_topn(logits, targets, seq.params.prompt_logprobs or 0)
         greedy = (logits.argmax(-1) == targets).tolist()
-        next_target = seq.score_from + len(request.prompt_logprobs)
-        for i, (tok, lp, ids, lps, g) in enumerate(zip(targets.tolist(), chosen.tolist(), top_ids.tolist(), top_lps.tolist(), greedy)):
-            if first + 1 + i == next_target:
-                request.prompt_logprobs.append(TokenLogprob(tok, lp, tuple(zip(ids, lps)), g))
-                next_target += 1
+        for tok, lp, ids, lps, g in zip(targets.tolist(), chosen.tolist(), top_ids.tolist(), top_lps.tolist(), greedy):
+            request.prompt_logprobs.append(TokenLogprob(tok, lp, tuple(zip(ids, lps)), g))
 
     def _finish_scoring(self, seq: Sequence) -> EngineOutput:
         request = self.requests.pop(seq.request_id)

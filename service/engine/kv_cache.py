@@ -79,9 +79,6 @@ class BlockManager:
             parent = h
 
     # -- allocation ------------------------------------------------------------------------------------
-    def can_grow(self, table: BlockTable, num_tokens: int) -> bool:
-        return self.blocks_needed(num_tokens) - len(table.blocks) <= self.num_free_blocks
-
     def grow(self, table: BlockTable, num_tokens: int) -> bool:
         """Make `table` hold `num_tokens` tokens. All or nothing: False (and no change) if memory is short."""
         extra = self.blocks_needed(num_tokens) - len(table.blocks)

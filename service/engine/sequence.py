@@ -4,15 +4,11 @@ Owns per-sequence state only. The scheduler moves sequences between waiting and 
 many tokens each computes per step; the KV manager owns the blocks listed in `table`.
 """
 
-import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 
 from .kv_cache import BlockTable
 from .types import FinishReason, SamplingParams
-
-_ids = itertools.count()
-
 
 class Status(Enum):
     WAITING = "waiting"
@@ -42,7 +38,6 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     table: BlockTable = field(default_factory=BlockTable)
-    seq_id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self) -> None:
         assert self.token_ids, "a sequence needs at least one token"
@@ -68,7 +63,3 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def finished(self) -> bool:
-        return self.status is Status.FINISHED
