@@ -44,6 +44,7 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._outs: dict[str, asyncio.Queue] = {}  # engine thread only
+        self._unfinished: dict[str, int] = {}  # engine thread only: samples still running per request
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -64,7 +65,8 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[EngineOutput]:
-        """Stream a request's outputs. Leaving the iteration early (client gone) aborts the request.
+        """Stream a request's outputs (all `n` samples interleaved, told apart by `index`) until every
+        sample has finished. Leaving the iteration early (client gone) aborts the request.
 
         Raises QueueFull / TooLarge from the scheduler at admission, or EngineDead.
         """
@@ -72,17 +74,17 @@ class AsyncEngine:
             raise EngineDead("the engine is not running") from self.error
         out: asyncio.Queue = asyncio.Queue()
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, out))
-        finished = False
+        remaining = params.num_samples
         try:
-            while not finished:
+            while remaining:
                 item = await out.get()
                 if isinstance(item, BaseException):
-                    finished = True
+                    remaining = 0
                     raise item
-                finished = item.finished
+                remaining -= item.finished
                 yield item
         finally:
-            if not finished:
+            if remaining:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -99,7 +101,7 @@ class AsyncEngine:
                         if not self._apply(self._commands.get_nowait()):
                             return
                     for output in self.engine.step():
-                        self._send(output.request_id, output, last=output.finished)
+                        self._output(output)
         except BaseException as exc:  # a failed step must not leave requests hanging
             self.error = exc
             dead = EngineDead(f"engine step failed: {type(exc).__name__}: {exc}")
@@ -116,6 +118,7 @@ class AsyncEngine:
         if isinstance(command, _Abort):
             self.engine.abort(command.request_id)
             self._outs.pop(command.request_id, None)
+            self._unfinished.pop(command.request_id, None)
         else:
             try:
                 self.engine.add(command.request_id, command.prompt_token_ids, command.params)
@@ -123,9 +126,19 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(command.out.put_nowait, exc)
             else:
                 self._outs[command.request_id] = command.out
+                self._unfinished[command.request_id] = command.params.num_samples
         return True
 
+    def _output(self, output: EngineOutput) -> None:
+        rid = output.request_id
+        if output.finished:
+            self._unfinished[rid] -= 1
+        last = self._unfinished.get(rid) == 0
+        if last:
+            del self._unfinished[rid]
+        self._send(rid, output, last=last)
+
     def _send(self, request_id: str, item, *, last: bool) -> None:
-        out = self._outs.pop(request_id) if last else self._outs.get(request_id)
+        out = self._outs.pop(request_id, None) if last else self._outs.get(request_id)
         if out is not None:
             self._loop.call_soon_threadsafe(out.put_nowait, item)

@@ -39,6 +39,7 @@ class EngineOutput:
     request_id: str
     token_ids: list[int]
     text: str
+    index: int = 0  # which of the request's `n` samples
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -77,30 +78,37 @@ class Engine:
         self.sampler = Sampler(config.seed)
         self.token_bytes = TokenBytes(loaded.tokenizer)
         self.eos_token_id = loaded.manifest.tokenizer.eos_token_id
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[tuple[str, int], _Request] = {}  # by (request id, sample index)
         self.last_step: StepStats | None = None
 
     def add(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, score_from: int | None = None
     ) -> None:
         """Queue a request. `max_tokens == 0` scores the prompt without generating. With
-        `params.prompt_logprobs` set, logprobs of prompt tokens from `score_from` (default 1) are returned;
-        tokens before `score_from` may be served from the prefix cache (context + continuation scoring)."""
-        assert request_id not in self.requests, f"duplicate request id {request_id}"
+        `params.prompt_logprobs` set, logprobs of prompt tokens from `score_from` (default 1) are returned
+        (with sample 0's outputs); tokens before `score_from` may be served from the prefix cache (context +
+        continuation scoring). `params.n` samples share the prompt's KV; sample i is seeded with seed + i,
+        so it equals an n = 1 request seeded with seed + i."""
+        assert all(key[0] != request_id for key in self.requests), f"duplicate request id {request_id}"
         if params.prompt_logprobs is not None and score_from is None:
             score_from = 1
-        seq = Sequence(request_id, list(prompt_token_ids), params, score_only=params.max_tokens == 0,
-                       score_from=score_from, arrival=time.monotonic())  # fmt: skip
-        self.scheduler.add(seq)  # raises QueueFull / TooLarge before anything is recorded
-        generator = make_generator(params.seed, self.loaded.device) if params.seed is not None else None
-        stats = RequestStats(seq.arrival, seq.num_prompt_tokens)
-        self.requests[request_id] = _Request(seq, generator, IncrementalDetokenizer(self.token_bytes),
-                                             StopChecker(params.stop), stats, [] if score_from is not None else None)  # fmt: skip
+        arrival, tokens = time.monotonic(), list(prompt_token_ids)
+        first = Sequence(request_id, tokens, params, score_only=params.max_tokens == 0, score_from=score_from,
+                         arrival=arrival)  # fmt: skip
+        samples = [first] + [Sequence(request_id, list(tokens), params, arrival=arrival, index=i, first=first)
+                             for i in range(1, params.num_samples)]  # fmt: skip
+        self.scheduler.add(*samples)  # raises QueueFull / TooLarge before anything is recorded
+        for seq in samples:
+            seed = None if params.seed is None else params.seed + seq.index
+            generator = make_generator(seed, self.loaded.device) if seed is not None else None
+            stats = RequestStats(seq.arrival, seq.num_prompt_tokens)
+            self.requests[seq.key] = _Request(seq, generator, IncrementalDetokenizer(self.token_bytes),
+                                              StopChecker(params.stop), stats, [] if seq.score_from is not None else None)  # fmt: skip
 
     def abort(self, request_id: str) -> None:
-        request = self.requests.pop(request_id, None)
-        if request is not None:
-            self.scheduler.finish(request.seq, FinishReason.ABORT)
+        """Abort every sample of a request; its KV is free for the next step."""
+        for key in [key for key in self.requests if key[0] == request_id]:
+            self.scheduler.finish(self.requests.pop(key).seq, FinishReason.ABORT)
 
     @property
     def has_work(self) -> bool:
@@ -112,7 +120,7 @@ class Engine:
         if not batch:
             return []
         for seq in batch.seqs:
-            stats = self.requests[seq.request_id].stats
+            stats = self.requests[seq.key].stats
             stats.first_scheduled = stats.first_scheduled or start
         outputs = self._run(batch)
         self.last_step = StepStats(
@@ -130,7 +138,7 @@ class Engine:
         outputs = [self._finish_scoring(s) for s in batch.seqs if s.score_only and s.num_uncomputed == 0]
         sampling = [(s, lg) for s, lg in zip(batch.seqs, result.last_logits) if lg is not None and not s.score_only]
         if sampling:
-            rows = [SamplingRow(s.params, self.requests[s.request_id].generator, s.token_ids[: s.num_prompt_tokens],
+            rows = [SamplingRow(s.params, self.requests[s.key].generator, s.token_ids[: s.num_prompt_tokens],
                                 s.output_token_ids, self._banned(s)) for s, _ in sampling]  # fmt: skip
             sampled = self.sampler(torch.stack([logits for _, logits in sampling]), rows)
             outputs += [self._update(s, i, sampled) for i, (s, _) in enumerate(sampling)]
@@ -139,7 +147,7 @@ class Engine:
     def _record_prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
         """Logits at positions first.. predict prompt tokens first+1..; skip the ones already recorded
         (a preempted sequence recomputes positions it already scored)."""
-        request = self.requests[seq.request_id]
+        request = self.requests[seq.key]
         skip = seq.score_from + len(request.prompt_logprobs) - (first + 1)  # chunks arrive in order: no gaps
         assert skip >= 0
         logits = logits[skip:]
@@ -150,13 +158,13 @@ class Engine:
             request.prompt_logprobs.append(TokenLogprob(tok, lp, tuple(zip(ids, lps)), g))
 
     def _finish_scoring(self, seq: Sequence) -> EngineOutput:
-        request = self.requests.pop(seq.request_id)
+        request = self.requests.pop(seq.key)
         self.scheduler.finish(seq, FinishReason.LENGTH)
         return EngineOutput(seq.request_id, [], "", finish_reason=FinishReason.LENGTH,
                             prompt_logprobs=request.prompt_logprobs, stats=self._final_stats(request))  # fmt: skip
 
     def _update(self, seq: Sequence, i: int, sampled) -> EngineOutput:
-        request = self.requests[seq.request_id]
+        request = self.requests[seq.key]
         token = sampled.token_ids[i]
         seq.token_ids.append(token)
         request.stats.token(time.monotonic())
@@ -164,12 +172,12 @@ class Engine:
         reason = FinishReason.STOP if stopped else self._finish_reason(seq, token)
         if reason is not None and not stopped:
             text += self._flush(request)
-        out = EngineOutput(seq.request_id, [token], text, [sampled.logprobs[i]], [sampled.top_logprobs[i]], reason)
+        out = EngineOutput(seq.request_id, [token], text, seq.index, [sampled.logprobs[i]], [sampled.top_logprobs[i]], reason)
         if not request.sent_prompt_logprobs:
             out.prompt_logprobs, request.sent_prompt_logprobs = request.prompt_logprobs, True
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            del self.requests[seq.request_id]
+            del self.requests[seq.key]
             out.stats = self._final_stats(request)
         return out
 

@@ -102,15 +102,6 @@ class BlockManager:
         table.blocks.clear()
         table.hashes.clear()
 
-    def fork(self, parent: BlockTable, num_tokens: int) -> BlockTable:
-        """A table sharing `parent`'s full blocks covering `num_tokens` (n > 1 samples of one prompt)."""
-        child = BlockTable()
-        for block, h in zip(parent.blocks, parent.hashes[: num_tokens // self.block_size]):
-            self._take(block)
-            child.blocks.append(block)
-            child.hashes.append(h)
-        return child
-
     def _take(self, block: int) -> None:
         if self._refs[block] == 0:
             self._evictable.pop(block, None)

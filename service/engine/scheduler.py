@@ -58,13 +58,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are waiting (limit {self.config.max_waiting})")
-        longest = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
-        if self.kv.blocks_needed(longest) > self.kv.num_blocks:  # could never run, even alone
-            raise TooLarge(f"{longest} tokens exceed the KV memory ({self.kv.num_blocks * self.kv.block_size} tokens)")
-        self.waiting.append(seq)
+    def add(self, *seqs: Sequence) -> None:
+        """Queue the samples of one request: all of them or, on QueueFull / TooLarge, none."""
+        if len(self.waiting) + len(seqs) > self.config.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} sequences are waiting (limit {self.config.max_waiting})")
+        for seq in seqs:
+            longest = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
+            if self.kv.blocks_needed(longest) > self.kv.num_blocks:  # could never run, even alone
+                raise TooLarge(f"{longest} tokens exceed the KV memory ({self.kv.num_blocks * self.kv.block_size} tokens)")
+        self.waiting.extend(seqs)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -95,8 +97,12 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        skipped: list[Sequence] = []  # samples waiting for their prompt; they hold no memory, so others pass
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if not seq.ready:
+                skipped.append(self.waiting.popleft())
+                continue
             if not seq.table.blocks:
                 seq.num_computed_tokens = self.kv.match_prefix(seq.reusable_prefix, seq.table)
                 if seq.num_preemptions == 0:
@@ -112,6 +118,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq.table)

@@ -23,6 +23,9 @@ class Sequence:
     A scoring sequence (`score_only`) computes its prompt and finishes without generating. When
     `score_from` is set, the logprob of every prompt token from that index on is wanted, so positions
     before it may come from the prefix cache but the ones after it must be computed.
+
+    Sample `index` > 0 of an `n > 1` request waits for sample 0 (`first`) to compute the prompt, so that
+    its admission finds the prompt's full blocks in the prefix cache and shares them.
     """
 
     request_id: str
@@ -38,10 +41,22 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     table: BlockTable = field(default_factory=BlockTable)
+    index: int = 0
+    first: "Sequence | None" = None
 
     def __post_init__(self) -> None:
         assert self.token_ids, "a sequence needs at least one token"
         self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.request_id, self.index
+
+    @property
+    def ready(self) -> bool:
+        """Whether admission may go ahead: sample 0 has computed the prompt (or is gone)."""
+        first = self.first
+        return first is None or first.status is Status.FINISHED or first.num_computed_tokens >= first.num_prompt_tokens
 
     @property
     def reusable_prefix(self) -> list[int]:

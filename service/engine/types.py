@@ -36,6 +36,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def num_samples(self) -> int:
+        """Sequences this request runs: `n`, or one when it only scores its prompt (max_tokens 0)."""
+        return 1 if self.max_tokens == 0 else self.n
+
 
 class FinishReason(str, Enum):
     """The one internal finish status; the API maps it to OpenAI's `finish_reason` once."""

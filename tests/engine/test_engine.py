@@ -148,7 +148,7 @@ def test_prefix_reuse_gives_same_output(tiny):
     engine = make_engine(loaded)
     run_all(engine, {0: [("a", shared + [1, 2], GREEDY)]})
     engine.add("b", shared + [3], GREEDY)
-    seq = engine.requests["b"].seq
+    seq = engine.requests["b", 0].seq
     reused = []
     while engine.has_work:
         reused += [t for out in engine.step() for t in out.token_ids]

@@ -13,7 +13,7 @@ SCORE = SamplingParams(max_tokens=0, prompt_logprobs=5)
 
 def score(engine, rid, tokens, params=SCORE, score_from=None):
     engine.add(rid, tokens, params, score_from=score_from)
-    seq = engine.requests[rid].seq
+    seq = engine.requests[rid, 0].seq
     outs = []
     while engine.has_work:
         outs += [o for o in engine.step() if o.request_id == rid]

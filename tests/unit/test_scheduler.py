@@ -203,20 +203,6 @@ def test_waiting_queue_limit():
         eng.add("c", [1])
 
 
-def test_fork_shares_full_prompt_blocks():
-    kv = BlockManager(16, 4)
-    seq = Sequence("p", list(range(10)), SamplingParams())
-    kv.grow(seq.table, 10)
-    kv.register_computed(seq.token_ids, 10, seq.table)
-    child = kv.fork(seq.table, 10)
-    assert child.blocks == seq.table.blocks[:2]
-    used = kv.usage
-    kv.free(seq.table)
-    assert kv.usage > 0 and kv.usage < used  # the child still holds the shared blocks
-    kv.free(child)
-    assert kv.usage == 0.0
-
-
 def test_request_that_cannot_fit_even_alone_is_refused():
     eng = FakeEngine(num_blocks=4, block_size=4)
     eng.add("fits", list(range(10)), max_tokens=6)
