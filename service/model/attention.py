@@ -112,7 +112,7 @@ def cache_index(layout: BatchLayout, block_size: int, device: torch.device) -> C
 
 def _decode_index(layout: BatchLayout, block_size: int, device: torch.device) -> _DecodeIndex | None:
     seq_ids = [i for i, q in enumerate(layout.query_lens) if q == 1]
-    if len(seq_ids) < 2:
+    if not seq_ids:
         return None
     starts = torch.tensor([0, *layout.query_lens]).cumsum(0)
     lengths = torch.tensor([layout.context_lens[i] + 1 for i in seq_ids])
