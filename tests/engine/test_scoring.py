@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from service.engine.scoring import rolling_windows
+from model_store.windows import rolling_windows
 from service.engine.types import SamplingParams
 
 from .test_engine import make_engine, random_prompts

@@ -1,9 +1,14 @@
 """Windows for rolling log-likelihood over texts longer than the model's context.
 
-Owns the window arithmetic only; each window is scored as an ordinary engine request with `score_from`.
 Windows of up to `max_len` tokens start every `stride` tokens; each window scores only the tokens the
 previous one did not, so every token (after the first) is scored exactly once, with as much context as its
-window gives it: at least `max_len - stride` tokens once past the first window.
+window gives it: at least `max_len - stride` tokens once past the first window. With `stride == max_len`
+(plain chunks) a window's `score_from` is 0: its first token has no context in it, and scorers skip it, as
+HF's chunked perplexity does.
+
+Owns the window arithmetic only. The engine scores each window as an ordinary request with `score_from`;
+`model_store.evaluate` uses it for perplexity. It lives in the store because `service` may import the
+store's light modules while the store never imports `service`.
 """
 
 from dataclasses import dataclass
