@@ -20,7 +20,8 @@ from .types import FinishReason
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    max_waiting: int = 256  # beyond this, `add` refuses and the API answers 429
+    max_waiting: int = 256  # sequences; beyond this, `add` refuses and the API answers 429
+    max_waiting_tokens: int = 1 << 18  # prompt tokens waiting, summed; the same
     max_model_len: int = 1024
 
 
@@ -62,6 +63,9 @@ class Scheduler:
         """Queue the samples of one request: all of them or, on QueueFull / TooLarge, none."""
         if len(self.waiting) + len(seqs) > self.config.max_waiting:
             raise QueueFull(f"{len(self.waiting)} sequences are waiting (limit {self.config.max_waiting})")
+        waiting_tokens = sum(s.num_tokens for s in self.waiting)
+        if waiting_tokens and waiting_tokens + sum(s.num_tokens for s in seqs) > self.config.max_waiting_tokens:
+            raise QueueFull(f"{waiting_tokens} tokens are waiting (limit {self.config.max_waiting_tokens})")
         for seq in seqs:
             longest = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
             if self.kv.blocks_needed(longest) > self.kv.num_blocks:  # could never run, even alone

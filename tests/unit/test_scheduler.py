@@ -203,6 +203,18 @@ def test_waiting_queue_limit():
         eng.add("c", [1])
 
 
+def test_waiting_token_limit_but_one_long_prompt_always_fits_an_empty_queue():
+    eng = FakeEngine(num_blocks=256, max_waiting_tokens=100)
+    eng.add("long", list(range(150)))  # longer than the limit, but nothing else waits
+    with pytest.raises(QueueFull):
+        eng.add("next", [1])
+    eng.run()
+    eng.add("a", list(range(60)))
+    with pytest.raises(QueueFull):
+        eng.add("b", list(range(41)))
+    eng.add("b", list(range(40)))
+
+
 def test_request_that_cannot_fit_even_alone_is_refused():
     eng = FakeEngine(num_blocks=4, block_size=4)
     eng.add("fits", list(range(10)), max_tokens=6)
