@@ -1,4 +1,4 @@
-"""`python -m model_store`: the store's command line (import-hf, list, show, verify, promote).
+"""`python -m model_store`: the store's command line (import-hf, list, show, verify, promote, eval).
 
 Errors print as one `error: ...` line on stderr with exit status 1 (2 for usage errors), never a
 traceback unless --debug. This is the only place the store reads the environment (MODEL_STORE_ROOT).
@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import StoreError
 from .manifest import STORED_DTYPES
@@ -64,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("ref", metavar="NAME@VERSION")
     cmd.add_argument("alias")
     cmd.set_defaults(handler=_promote)
+
+    cmd = commands.add_parser("eval", help="perplexity / bits per byte on a text, EM / F1 of greedy completions")
+    cmd.add_argument("ref", metavar="NAME[@REF]")
+    cmd.add_argument("--text", type=Path, help="UTF-8 text file: strided-window perplexity and bits per byte")
+    cmd.add_argument("--stride", type=int, help="window stride in tokens (default: half the context)")
+    cmd.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    cmd.add_argument("--qa", type=Path, help='JSONL of {"prompt": ..., "reference": ...}: greedy EM and token F1')
+    cmd.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit (default 32)")
+    cmd.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cmd.add_argument("--record", action="store_true", help="add the results to the manifest as a new revision")
+    cmd.add_argument("--label", help="metrics key when recording (default: eval:<file names>)")
+    cmd.set_defaults(handler=_eval)
     return parser
 
 
@@ -132,6 +146,21 @@ def _verify(store: ModelStore, args: argparse.Namespace) -> int:
 def _promote(store: ModelStore, args: argparse.Namespace) -> int:
     stored = store.promote(args.ref, args.alias)
     print(f"{stored.manifest.name}@{args.alias} -> {stored.manifest.version}")
+    return 0
+
+
+def _eval(store: ModelStore, args: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig, evaluate, format_table  # pulls in torch
+
+    config = EvalConfig(text=args.text, qa=args.qa, stride=args.stride, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, device=args.device)  # fmt: skip
+    stored, results = evaluate(store, args.ref, config)
+    if args.record:
+        label = args.label or "eval:" + "+".join(r["file"] for r in results.values())
+        stored = store.record_metrics(stored.ref, {label: results})
+    print(json.dumps({"ref": stored.ref, **results}, indent=2) if args.json else format_table(stored.ref, results))
+    if args.record:
+        print(f"recorded as {label!r} in {stored.ref}, manifest revision {stored.manifest.revision}", file=sys.stderr)
     return 0
 
 

@@ -7,12 +7,16 @@ it is tied, no buffers. These functions convert both ways and check shapes again
 mismatched checkpoint fails at import.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import UnsupportedModelError
-from .manifest import ArchConfig
+from .manifest import WEIGHTS_FILE, ArchConfig
+from .registry import StoredVersion
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
 
 _LM_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -127,6 +131,27 @@ def hf_from_canonical(tensors: dict[str, torch.Tensor], cfg: ArchConfig) -> dict
             out[f"transformer.{key}"] = tensor
     out.setdefault("lm_head.weight", tensors["wte.weight"])
     return out
+
+
+def load_hf_model(stored: StoredVersion, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "GPT2LMHeadModel":
+    """A store version as an HF GPT2LMHeadModel in eval mode, for the offline tools (evaluate, fine-tune).
+
+    Does not verify hashes: pass a version from `ModelStore.verify`.
+    """
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    manifest = stored.manifest
+    hf_config = hf_config_from_arch(manifest.config, manifest.tokenizer.eos_token_id, manifest.tokenizer.bos_token_id)
+    hf_config.pop("model_type")
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        model = GPT2LMHeadModel(GPT2Config(**hf_config))
+    tensors = load_file(str(stored.path / WEIGHTS_FILE), device=device)
+    state = hf_from_canonical({k: v.to(dtype) for k, v in tensors.items()}, manifest.config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if manifest.config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
 
 
 def check_shapes(tensors: dict[str, torch.Tensor], cfg: ArchConfig) -> None:

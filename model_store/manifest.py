@@ -125,7 +125,10 @@ class Manifest:
     lineage: Lineage
     metrics: dict[str, Any] = field(default_factory=dict)
     package_version: str = ""
+    # Revision 1 is the published manifest; each later one only adds metrics (`ModelStore.record_metrics`),
+    # logged in `history` as {"revision", "recorded_at", "metrics": {key: value}}. Files never change.
     revision: int = 1
+    history: tuple[dict[str, Any], ...] = ()
     schema_version: int = SCHEMA_VERSION
     architecture: str = ARCHITECTURE
 
@@ -162,6 +165,7 @@ class Manifest:
                 lineage=Lineage(**data["lineage"]),
                 metrics=dict(data.get("metrics") or {}),
                 package_version=data.get("package_version", ""),
+                history=tuple(dict(entry) for entry in data.get("history") or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed manifest: {type(exc).__name__}: {exc}") from None

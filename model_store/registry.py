@@ -12,6 +12,7 @@ of GPT-2 weights: importers write files into a staging directory and call `commi
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -131,6 +132,27 @@ class ModelStore:
             aliases[alias] = stored.manifest.version
             _atomic_write(self.root / name / ALIASES_FILE, json.dumps(aliases, indent=2, sort_keys=True) + "\n")
         return stored
+
+    def record_metrics(self, ref: str | ModelRef, metrics: dict[str, Any]) -> StoredVersion:
+        """Add `metrics` (key -> JSON-able value) to a version's manifest as a new manifest revision.
+
+        Only manifest.json is replaced (atomically, under the name's lock, re-read inside it so concurrent
+        recorders never lose each other's entries); the files it lists and their hashes are untouched.
+        A key recorded again shows its latest value in `metrics`; every earlier value stays in `history`.
+        """
+        stored = self.resolve(ref)
+        with self._lock(stored.manifest.name):
+            current = Manifest.read(stored.path / MANIFEST_FILE)
+            revision = current.revision + 1
+            entry = {"revision": revision, "recorded_at": _utc_now(), "metrics": dict(metrics)}
+            updated = dataclasses.replace(
+                current,
+                revision=revision,
+                metrics={**current.metrics, **metrics},
+                history=(*current.history, entry),
+            )
+            _atomic_write(stored.path / MANIFEST_FILE, updated.to_json())
+        return StoredVersion(stored.path, updated)
 
     @contextlib.contextmanager
     def publish(self, name: str) -> Iterator["Staging"]:
