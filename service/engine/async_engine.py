@@ -10,11 +10,11 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .engine import Engine, EngineOutput
-from .types import SamplingParams
+from .types import SamplingParams, StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     out: asyncio.Queue
+    score_from: int | None = None
+    shares_prefix_with: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,9 @@ _STOP = object()
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None) -> None:
+        """`on_step` is called on the engine thread after every step (metrics); it must not block."""
+        self.engine, self._on_step = engine, on_step
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._outs: dict[str, asyncio.Queue] = {}  # engine thread only
         self._unfinished: dict[str, int] = {}  # engine thread only: samples still running per request
@@ -64,16 +67,20 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[EngineOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, score_from: int | None = None,
+        shares_prefix_with: str | None = None,
+    ) -> AsyncIterator[EngineOutput]:  # fmt: skip
         """Stream a request's outputs (all `n` samples interleaved, told apart by `index`) until every
-        sample has finished. Leaving the iteration early (client gone) aborts the request.
+        sample has finished. Leaving the iteration early (client gone) aborts the request. `score_from` and
+        `shares_prefix_with` are `Engine.add`'s.
 
         Raises QueueFull / TooLarge from the scheduler at admission, or EngineDead.
         """
         if not self.alive:
             raise EngineDead("the engine is not running") from self.error
         out: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, out))
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, out, score_from, shares_prefix_with))
         remaining = params.num_samples
         try:
             while remaining:
@@ -102,6 +109,7 @@ class AsyncEngine:
                             return
                     for output in self.engine.step():
                         self._output(output)
+                    self._report(self.engine.last_step)
         except BaseException as exc:  # a failed step must not leave requests hanging
             self.error = exc
             dead = EngineDead(f"engine step failed: {type(exc).__name__}: {exc}")
@@ -119,15 +127,21 @@ class AsyncEngine:
             self.engine.abort(command.request_id)
             self._outs.pop(command.request_id, None)
             self._unfinished.pop(command.request_id, None)
+            self._report(self.engine.state())  # memory freed now, even if no step follows
         else:
             try:
-                self.engine.add(command.request_id, command.prompt_token_ids, command.params)
+                self.engine.add(command.request_id, command.prompt_token_ids, command.params, command.score_from,
+                                command.shares_prefix_with)  # fmt: skip
             except Exception as exc:  # QueueFull, TooLarge: the request's own error, not the engine's
                 self._loop.call_soon_threadsafe(command.out.put_nowait, exc)
             else:
                 self._outs[command.request_id] = command.out
                 self._unfinished[command.request_id] = command.params.num_samples
         return True
+
+    def _report(self, stats: StepStats | None) -> None:
+        if self._on_step is not None and stats is not None:
+            self._on_step(stats)
 
     def _output(self, output: EngineOutput) -> None:
         rid = output.request_id

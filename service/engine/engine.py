@@ -82,21 +82,27 @@ class Engine:
         self.last_step: StepStats | None = None
 
     def add(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, score_from: int | None = None
-    ) -> None:
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, score_from: int | None = None,
+        shares_prefix_with: str | None = None,
+    ) -> None:  # fmt: skip
         """Queue a request. `max_tokens == 0` scores the prompt without generating. With
         `params.prompt_logprobs` set, logprobs of prompt tokens from `score_from` (default 1) are returned
         (with sample 0's outputs); tokens before `score_from` may be served from the prefix cache (context +
         continuation scoring). `params.n` samples share the prompt's KV; sample i is seeded with seed + i,
-        so it equals an n = 1 request seeded with seed + i."""
+        so it equals an n = 1 request seeded with seed + i. With `shares_prefix_with` naming a request
+        still in flight, this one waits until that request has computed the prompt prefix they share, so
+        the prefix is computed once (several continuations of one context)."""
         assert all(key[0] != request_id for key in self.requests), f"duplicate request id {request_id}"
         if params.prompt_logprobs is not None and score_from is None:
             score_from = 1
         arrival, tokens = time.monotonic(), list(prompt_token_ids)
         first = Sequence(request_id, tokens, params, score_only=params.max_tokens == 0, score_from=score_from,
                          arrival=arrival)  # fmt: skip
-        samples = [first] + [Sequence(request_id, list(tokens), params, arrival=arrival, index=i, first=first)
-                             for i in range(1, params.num_samples)]  # fmt: skip
+        leader = self.requests.get((shares_prefix_with, 0)) if shares_prefix_with is not None else None
+        if leader is not None:
+            first.waits_for, first.wait_tokens = leader.seq, _common_prefix(leader.seq.token_ids, tokens)
+        samples = [first] + [Sequence(request_id, list(tokens), params, arrival=arrival, index=i, waits_for=first,
+                                      wait_tokens=len(tokens)) for i in range(1, params.num_samples)]  # fmt: skip
         self.scheduler.add(*samples)  # raises QueueFull / TooLarge before anything is recorded
         for seq in samples:
             seed = None if params.seed is None else params.seed + seq.index
@@ -123,11 +129,13 @@ class Engine:
             stats = self.requests[seq.key].stats
             stats.first_scheduled = stats.first_scheduled or start
         outputs = self._run(batch)
-        self.last_step = StepStats(
-            len(batch.seqs), batch.num_tokens, len(batch.preempted), len(self.scheduler.running),
-            len(self.scheduler.waiting), self.kv.usage, time.monotonic() - start,
-        )  # fmt: skip
+        self.last_step = self.state(len(batch.seqs), batch.num_tokens, len(batch.preempted), time.monotonic() - start)
         return outputs
+
+    def state(self, num_seqs: int = 0, num_tokens: int = 0, num_preempted: int = 0, duration_s: float = 0.0) -> StepStats:
+        """Running, waiting and KV usage now; with the defaults, a step that computed nothing."""
+        return StepStats(num_seqs, num_tokens, num_preempted, len(self.scheduler.running),
+                         len(self.scheduler.waiting), self.kv.usage, duration_s)  # fmt: skip
 
     def _run(self, batch) -> list[EngineOutput]:
         result = self.runner.run(batch)
@@ -208,3 +216,12 @@ class Engine:
     def _flush(request: _Request) -> str:
         text, stopped = request.stop.push(request.detok.flush())
         return text if stopped else text + request.stop.flush()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -24,8 +24,9 @@ class Sequence:
     `score_from` is set, the logprob of every prompt token from that index on is wanted, so positions
     before it may come from the prefix cache but the ones after it must be computed.
 
-    Sample `index` > 0 of an `n > 1` request waits for sample 0 (`first`) to compute the prompt, so that
-    its admission finds the prompt's full blocks in the prefix cache and shares them.
+    A sequence with `waits_for` set is not admitted until that sequence has computed its first
+    `wait_tokens` tokens (or finished), so that its admission finds them in the prefix cache and shares
+    them: samples 1.. of an `n > 1` request wait for sample 0's prompt, continuations for a context.
     """
 
     request_id: str
@@ -42,7 +43,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     table: BlockTable = field(default_factory=BlockTable)
     index: int = 0
-    first: "Sequence | None" = None
+    waits_for: "Sequence | None" = None
+    wait_tokens: int = 0
 
     def __post_init__(self) -> None:
         assert self.token_ids, "a sequence needs at least one token"
@@ -54,9 +56,9 @@ class Sequence:
 
     @property
     def ready(self) -> bool:
-        """Whether admission may go ahead: sample 0 has computed the prompt (or is gone)."""
-        first = self.first
-        return first is None or first.status is Status.FINISHED or first.num_computed_tokens >= first.num_prompt_tokens
+        """Whether admission may go ahead: the shared prefix is computed (or its owner is gone)."""
+        leader = self.waits_for
+        return leader is None or leader.status is Status.FINISHED or leader.num_computed_tokens >= self.wait_tokens
 
     @property
     def reusable_prefix(self) -> list[int]:

@@ -58,6 +58,29 @@ def test_context_continuations_reuse_context_and_equal_fresh(tiny):
         assert max(abs(e.logprob - x) for e, x in zip(got, expected)) <= 1e-4
 
 
+def test_continuations_added_together_compute_the_context_once(tiny):
+    loaded, hf = tiny
+    vocab = loaded.model.cfg.vocab_size
+    context = random_prompts(1, vocab, 35, 41, 41)[0]  # 10 full blocks of 4, then 1
+    continuations = random_prompts(3, vocab, 36, 3, 3)
+    engine = make_engine(loaded, max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    for i, cont in enumerate(continuations):  # all arrive in the same step
+        engine.add(f"c{i}", context + cont, params, score_from=len(context), shares_prefix_with="c0" if i else None)
+    seqs = [engine.requests[f"c{i}", 0].seq for i in range(3)]
+    got, computed = {}, 0
+    while engine.has_work:
+        for o in engine.step():
+            got[o.request_id] = o.prompt_logprobs
+        computed += engine.last_step.num_tokens
+    assert [s.num_cached_tokens for s in seqs] == [0, 40, 40]
+    assert computed == 44 + 2 * 4  # the others compute only the context's last token and their own
+    for i, cont in enumerate(continuations):
+        ref = hf_logprobs(hf, context + cont)
+        expected = [ref[len(context) - 1 + k, t].item() for k, t in enumerate(cont)]
+        assert max(abs(e.logprob - x) for e, x in zip(got[f"c{i}"], expected)) <= 1e-4
+
+
 def test_scoring_survives_preemption(tiny):
     loaded, hf = tiny
     vocab = loaded.model.cfg.vocab_size
