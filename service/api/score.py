@@ -1,0 +1,186 @@
+"""`POST /v1/score`: log-likelihoods through the engine's scheduler, the native endpoint users curl.
+
+Three forms:
+- `text` (one or a list): every token's logprob (float32), optional top-N alternatives and the greedy
+  flag, with sum, mean, perplexity and count. With `add_bos` (default) the text is scored after an EOS, so
+  its first token is scored too (GPT-2 has no BOS; EOS is its document separator).
+- `context` + `continuations`: per continuation its summed logprob, token count and whether it is the
+  greedy continuation; the context is computed once and shared through the prefix cache.
+- `text` + `rolling: true`: texts longer than the context, in overlapping windows with a stride (default
+  half the context); each token is scored once with the most context its window gives. Returns the total
+  log-likelihood, perplexity and bits per byte.
+"""
+
+import math
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from model_store.windows import rolling_windows
+from service.engine.types import SamplingParams, TokenLogprob
+
+from .errors import APIError, invalid
+from .protocol import MAX_PROMPTS, check_context, encode
+from .schemas import ScoreRequest
+from .streams import ClientGone, Job, engine_error, merged, until_disconnect
+
+router = APIRouter()
+ROLLING_WINDOWS_IN_FLIGHT = 8  # windows of one rolling request queued at once, so the queue limit holds
+
+
+@router.post("/v1/score")
+async def score(req: ScoreRequest, request: Request) -> Response:
+    server = request.app.state.server
+    async with server.session() as backend:
+        if req.model and req.model not in (backend.name, f"{backend.name}@{backend.version}"):
+            raise APIError(404, f"model {req.model!r} is not served here", "model", "model_not_found")
+        texts = _texts(req)
+        bos = _bos(req, backend)
+        try:
+            if req.context is not None:
+                body = await until_disconnect(request, _continuations(req, backend, server, bos))
+            elif req.rolling:
+                body = await until_disconnect(request, _rolling(req, texts, backend, server, bos))
+            else:
+                body = await until_disconnect(request, _texts_scores(req, texts, backend, server, bos))
+        except ClientGone:
+            return Response(status_code=499)
+        except APIError:
+            raise
+        except Exception as exc:
+            raise engine_error(exc) from exc
+    return JSONResponse({"object": "score", "created": int(time.time()), "model": f"{backend.name}@{backend.version}", **body})
+
+
+def _texts(req: ScoreRequest) -> list[str]:
+    if req.context is not None:
+        if req.text is not None or req.rolling:
+            raise invalid("give either text (optionally rolling) or context + continuations, not both", "context")
+        if not req.continuations:
+            raise invalid("context needs a non-empty list of continuations", "continuations")
+        if len(req.continuations) > MAX_PROMPTS:
+            raise invalid(f"{len(req.continuations)} continuations; the limit is {MAX_PROMPTS}", "continuations")
+        return []
+    if req.text is None:
+        raise invalid("give text (a string or a list of strings) or context + continuations", "text")
+    texts = [req.text] if isinstance(req.text, str) else req.text
+    if not texts:
+        raise invalid("the text list is empty", "text")
+    if len(texts) > MAX_PROMPTS:
+        raise invalid(f"{len(texts)} texts; the limit is {MAX_PROMPTS}", "text")
+    return texts
+
+
+def _bos(req: ScoreRequest, backend) -> list[int]:
+    if not req.add_bos:
+        return []
+    if backend.eos_token_id is None:
+        raise invalid("this model has no EOS token to score the first token after; use add_bos false", "add_bos")
+    return [backend.eos_token_id]
+
+
+def _params(req: ScoreRequest) -> SamplingParams:
+    return SamplingParams(max_tokens=0, prompt_logprobs=req.top_logprobs)
+
+
+def _token_ids(text: str, bos: list[int], backend, param: str, limit: int | None) -> list[int]:
+    ids = bos + encode(backend.loaded.tokenizer, text)
+    if len(ids) < 2:
+        raise invalid("nothing to score: the text must have at least one token after the first" +
+                      ("" if bos else " (or use add_bos)"), param)  # fmt: skip
+    if limit is not None and len(ids) > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, the text has "
+                       f"{len(ids)} tokens{' with the EOS prefix' if bos else ''}. Use \"rolling\": true to score "
+                       "longer texts in windows.", param, "context_length_exceeded")  # fmt: skip
+    return ids
+
+
+def _perplexity(total: float, count: int) -> float:
+    return math.exp(min(-total / count, 709.0)) if count else 1.0  # capped below float overflow
+
+
+def _entries(entries: list[TokenLogprob], strings, top: int) -> dict:
+    logprobs = [e.logprob for e in entries]
+    total = sum(logprobs)
+    body = {
+        "num_tokens": len(entries),
+        "sum_logprob": total,
+        "mean_logprob": total / len(entries) if entries else 0.0,
+        "perplexity": _perplexity(total, len(entries)),
+        "greedy": all(e.greedy for e in entries),
+        "tokens": [strings(e.token_id) for e in entries],
+        "token_ids": [e.token_id for e in entries],
+        "logprobs": logprobs,
+        "is_greedy": [e.greedy for e in entries],
+    }
+    if top:
+        body["top_logprobs"] = [[{"token": strings(t), "token_id": t, "logprob": lp} for t, lp in e.top] for e in entries]
+    return body
+
+
+async def _run(backend, server, jobs: list[Job]) -> list[list[TokenLogprob]]:
+    results: list[list[TokenLogprob]] = [[] for _ in jobs]
+    async for i, out in merged(backend, server.metrics, jobs):
+        if out.prompt_logprobs is not None:
+            results[i] = out.prompt_logprobs
+    return results
+
+
+async def _texts_scores(req: ScoreRequest, texts: list[str], backend, server, bos: list[int]) -> dict:
+    many = not isinstance(req.text, str)
+    ids = [_token_ids(t, bos, backend, f"text[{i}]" if many else "text", backend.max_model_len) for i, t in enumerate(texts)]
+    jobs = [Job(server.request_id("score"), t, _params(req), score_from=1) for t in ids]
+    results = await _run(backend, server, jobs)
+    return {"results": [{"index": i, **_entries(r, backend.token_strings, req.top_logprobs)} for i, r in enumerate(results)],
+            "usage": {"prompt_tokens": sum(len(t) for t in ids), "scored_tokens": sum(len(r) for r in results)}}  # fmt: skip
+
+
+async def _continuations(req: ScoreRequest, backend, server, bos: list[int]) -> dict:
+    tokenizer = backend.loaded.tokenizer
+    context = bos + encode(tokenizer, req.context)
+    if not context:
+        raise invalid("the context is empty: give some text, or keep add_bos", "context")
+    jobs: list[Job] = []
+    for i, continuation in enumerate(req.continuations):
+        cont = encode(tokenizer, continuation)
+        if not cont:
+            raise invalid("a continuation is empty", f"continuations[{i}]")
+        check_context(len(context), len(cont), backend.max_model_len, f"continuations[{i}]")
+        leader = jobs[0].request_id if jobs else None
+        jobs.append(Job(server.request_id("score"), context + cont, _params(req), score_from=len(context),
+                        shares_prefix_with=leader))  # fmt: skip
+    results = await _run(backend, server, jobs)
+    body = [{"index": i, "continuation": c, **_entries(r, backend.token_strings, req.top_logprobs)}
+            for i, (c, r) in enumerate(zip(req.continuations, results))]  # fmt: skip
+    prompt_tokens = len(context) + sum(len(j.token_ids) - len(context) for j in jobs)
+    return {"context_tokens": len(context), "results": body,
+            "usage": {"prompt_tokens": prompt_tokens, "scored_tokens": sum(len(r) for r in results)}}  # fmt: skip
+
+
+async def _rolling(req: ScoreRequest, texts: list[str], backend, server, bos: list[int]) -> dict:
+    max_len = backend.max_model_len
+    stride = req.stride or max(max_len // 2, 1)
+    if stride > max_len:
+        raise invalid(f"stride {stride} exceeds the context length {max_len}", "stride")
+    out, prompt_tokens = [], 0
+    for i, text in enumerate(texts):
+        ids = _token_ids(text, bos, backend, f"text[{i}]" if len(texts) > 1 else "text", None)
+        windows = rolling_windows(len(ids), max_len, stride)
+        scored: list[TokenLogprob] = []
+        for start in range(0, len(windows), ROLLING_WINDOWS_IN_FLIGHT):
+            batch = windows[start : start + ROLLING_WINDOWS_IN_FLIGHT]
+            jobs = [Job(server.request_id("score"), ids[w.start : w.end], _params(req), score_from=max(w.score_from, 1))
+                    for w in batch]  # fmt: skip
+            for result in await _run(backend, server, jobs):
+                scored += result
+            prompt_tokens += sum(len(j.token_ids) for j in jobs)
+        total = sum(e.logprob for e in scored)
+        num_bytes = len(text.encode("utf-8"))
+        out.append({
+            "index": i, "num_tokens": len(scored), "num_windows": len(windows), "stride": stride,
+            "sum_logprob": total, "mean_logprob": total / len(scored) if scored else 0.0,
+            "perplexity": _perplexity(total, len(scored)), "num_bytes": num_bytes,
+            "bits_per_byte": -total / math.log(2) / num_bytes if num_bytes else 0.0,
+        })  # fmt: skip
+    return {"results": out, "usage": {"prompt_tokens": prompt_tokens, "scored_tokens": sum(r["num_tokens"] for r in out)}}

@@ -1,0 +1,117 @@
+"""Running engine requests for one HTTP request: several prompts (and their `n` samples) merged into one
+stream, abort on client disconnect, and Server-Sent Events framing.
+"""
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from service.engine.async_engine import AsyncEngine, EngineDead
+from service.engine.engine import EngineOutput
+from service.engine.scheduler import QueueFull, TooLarge
+from service.engine.types import SamplingParams
+from service.metrics import Metrics
+
+from .errors import APIError, error_body
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready; its engine requests were aborted."""
+
+
+def engine_error(exc: BaseException) -> APIError:
+    """What an engine-side failure means to the client."""
+    if isinstance(exc, QueueFull):
+        return APIError(429, f"the server is at capacity ({exc}); retry shortly", code="rate_limit_exceeded",
+                        headers={"Retry-After": "1"})  # fmt: skip
+    if isinstance(exc, TooLarge):
+        return APIError(400, f"the request can never fit in this server's KV cache: {exc}", code="request_too_large")
+    if isinstance(exc, EngineDead):
+        return APIError(503, "the engine stopped; retry on another replica", code="service_unavailable")
+    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One engine request: `AsyncEngine.generate`'s arguments."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    score_from: int | None = None
+    shares_prefix_with: str | None = None
+
+
+async def merged(backend, metrics: Metrics, jobs: list[Job]) -> AsyncIterator[tuple[int, EngineOutput]]:
+    """Outputs of several engine requests as they come: (position in `jobs`, output). Leaving early, or
+    any request failing, aborts all of them; the first failure is raised. Finished sequences are counted
+    in the metrics here, once for every endpoint."""
+    queue: asyncio.Queue = asyncio.Queue()
+    engine: AsyncEngine = backend.engine
+
+    async def pump(i: int, job: Job) -> None:
+        try:
+            async for out in engine.generate(job.request_id, job.token_ids, job.params, job.score_from,
+                                             job.shares_prefix_with):  # fmt: skip
+                if out.stats is not None:
+                    metrics.sequence_finished(backend.labels, out.stats, out.finish_reason,
+                                              len(out.prompt_logprobs or ()))  # fmt: skip
+                queue.put_nowait((i, out))
+        except BaseException as exc:
+            queue.put_nowait((i, exc))
+            raise
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their `finally` aborts the engine requests
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so aborting its engine requests) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone()
+
+
+def sse(data: dict | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def sse_error(exc: BaseException) -> bytes:
+    err = exc if isinstance(exc, APIError) else engine_error(exc)
+    return sse(error_body(err.status, err.message, err.param, err.code))
