@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from model_store import Manifest, ModelRef, ModelStore
+from model_store.hardware import has_bf16_matrix_units
 from model_store.manifest import WEIGHTS_FILE
 
 from .gpt2 import GPT2
@@ -38,12 +39,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
     return dev
-
-
-def has_bf16_matrix_units(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    return torch.cpu._is_amx_tile_supported()
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
