@@ -1,18 +1,45 @@
 """Benchmark the engine: generated tokens/s at 1, 8, 32 and 64 concurrent requests, beside HF `generate`
-at the same batch sizes, in the same run.
+at the same batch sizes and, optionally, CTranslate2, all in the same run.
 
-    .venv/bin/python bench/engine.py [--quick] [--dtype float32|bfloat16] [--batches 1,8,32,64]
+    .venv/bin/python bench/engine.py [--quick] [--dtype float32|bfloat16|auto] [--batches 1,8,32,64]
+                                     [--ct2-python /work/ct2venv/bin/python [--ct2-scripts ../shared/bench]]
 
 GPT-2-small shape with random weights (no download), token-id prompts of 32 tokens, 128 generated tokens,
 greedy with ignore_eos, all requests arriving together. Also prints time to first token (median and p95)
 under each load, scoring throughput on 64 x 256-token texts (prompt logprobs of every token, against an HF
 forward + log_softmax, with the max |difference|), and prefix reuse: time to first token of a 512-token
-prompt whose first 480 tokens were just served, against the same prompt with nothing cached. One timed run per point after a warm-up; figures are noisy on a shared machine, so read
-the ratio, measured minutes apart on the same machine. Not part of the test suite.
+prompt whose first 480 tokens were just served, against the same prompt with nothing cached. One timed run
+per point after a warm-up; figures are noisy on a shared machine, so read the ratio, measured minutes apart
+on the same machine. Not part of the test suite. `--dtype auto` resolves as the service does (bfloat16 where
+the hardware has bf16 matrix units, else float32); HF then runs in the resolved dtype.
+
+CTranslate2 baselines (issue 3's targets). The CTranslate2 scripts in ../shared/bench/ need a virtual
+environment of their own, outside the project's dependencies; create it once:
+
+    python3 -m venv /work/ct2venv && /work/ct2venv/bin/pip install -r bench/baselines-requirements.txt
+
+With --ct2-python, this benchmark converts the same random model (saved in HF format) to CTranslate2 float32
+and int8 with convert_ct2.py, then runs ct2_generate.py (float32 at --batches, when the run's dtype resolves
+to float32; int8 at --ct2-int8-batches, for the best int8 figure) and scoring.py --ct2 (float32
+score_batch, 64 x 256, max_batch_size 8), each as a subprocess of the baseline venv's python with --json,
+--threads torch.get_num_threads() and --runs 1 (one timed run, as ours). This module never imports
+ctranslate2 or the shared scripts. The shared scripts wait (up to 2 min each) for other processes to go quiet
+before timing. A "targets" table follows the others: one row per target of issue 3, with ours, theirs, the
+ratio, the target and whether it is met. The full measurement is two runs, one per dtype:
+
+    .venv/bin/python bench/engine.py --dtype float32 --ct2-python /work/ct2venv/bin/python
+    .venv/bin/python bench/engine.py --dtype auto --ct2-python /work/ct2venv/bin/python
+
+CTranslate2 sees token ids as the synthetic strings "t<id>" (id 50256 as "<|endoftext|>"), which
+convert_ct2.py puts at vocabulary index <id>, so its ids are ours; its prompts are its own random ids of the
+same shapes (bench_common.make_prompts), which does not matter with random weights and forced lengths.
 """
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +57,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, random_gpt2_small  # noqa: E402
 
 PROMPT_LEN = 32
+REPO = Path(__file__).resolve().parent.parent
+CT2_RUNS = 1  # timed runs per CTranslate2 point: as many as ours
+CT2_SCORE_BATCH = 8  # score_batch max_batch_size, as in ../shared/reference/performance.md
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
@@ -92,20 +122,135 @@ def p95(values: list[float]) -> float:
     return values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
 
 
+def run_baseline(python: str, script: Path, *args: object, json_path: Path | None = None) -> list[dict]:
+    """Run one shared baseline script in its own venv, echoing its output indented; return its JSON records
+    (the scripts append one JSON object per line to --json)."""
+    cmd = [python, str(script), *map(str, args)]
+    if json_path is not None:
+        json_path.unlink(missing_ok=True)
+        cmd += ["--json", str(json_path)]
+    print(f"  $ {' '.join(cmd)}", flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"    | {line.rstrip()}", flush=True)
+    if proc.returncode:
+        raise SystemExit(f"baseline failed (exit {proc.returncode}): {' '.join(cmd)}")
+    if json_path is None:
+        return []
+    return [json.loads(line) for line in json_path.read_text().splitlines() if line.strip()]
+
+
+def ct2_baselines(args: argparse.Namespace, hf_dir: Path, work: Path, fp32: bool, batches: list[int],
+                  new_tokens: int) -> dict:  # fmt: skip
+    """CTranslate2 figures, from the shared scripts run in the baseline venv: generated tok/s per
+    (quantization, batch), and float32 score_batch tok/s."""
+    py, scripts = args.ct2_python, Path(args.ct2_scripts)
+    threads = torch.get_num_threads()
+    quants = (["float32"] if fp32 else []) + ["int8"]
+    print(f"\nCTranslate2 baselines ({', '.join(quants)}), {threads} threads, {CT2_RUNS} timed run(s)", flush=True)
+    models = {}
+    for q in quants:
+        models[q] = work / f"ct2-{q}"
+        run_baseline(py, scripts / "convert_ct2.py", "--model", hf_dir, "--out", models[q], "--quantization", q)
+    common = ["--prompt-len", PROMPT_LEN, "--new-tokens", new_tokens, "--threads", threads, "--runs", CT2_RUNS]
+    gen: dict[tuple[str, int], float] = {}
+    compute: dict[str, str] = {}
+    int8_batches = [int(b) for b in args.ct2_int8_batches.split(",") if b]
+    for q, qb in (("float32", batches if fp32 else []), ("int8", int8_batches)):
+        if not qb:
+            continue
+        recs = run_baseline(py, scripts / "ct2_generate.py", "--model", models[q],
+                            "--batch", ",".join(map(str, qb)), *common, json_path=work / f"gen-{q}.jsonl")  # fmt: skip
+        for r in recs:
+            gen[(q, r["batch"])] = statistics.median(r["tok_s"])
+            compute[q] = r["compute_type"]
+    score = None
+    if fp32:
+        recs = run_baseline(py, scripts / "scoring.py", "--model", hf_dir, "--n-seqs", 64, "--seq-len", 256,
+                            "--skip-hf", "--ct2", models["float32"], "--ct2-batch", CT2_SCORE_BATCH,
+                            "--threads", threads, "--runs", CT2_RUNS, json_path=work / "score.jsonl")  # fmt: skip
+        (r,) = recs
+        score = r["n_seqs"] * r["seq_len"] / statistics.median(r["s"])
+    return {"gen": gen, "compute": compute, "score": score}
+
+
+def print_targets(dtype: str, ours_gen: dict[int, float], ours_score: float, max_diff: float, warm: float,
+                  cold: float, ct2: dict | None) -> None:  # fmt: skip
+    """One row per target of issue 3: ours, theirs, ratio, target, met."""
+    gen = ct2["gen"] if ct2 else {}
+    fp32 = dtype == "float32"
+    na = "n/a"
+    rows = []  # (what, ours, theirs, ratio, target, met)
+
+    def row(what, ours, theirs, ratio, target, ok, fmt_=".1f"):
+        show = (lambda v: na if v is None else f"{v:{fmt_}}")  # noqa: E731
+        rows.append((what, show(ours), show(theirs), na if ratio is None else f"{ratio:.2f}x", target,
+                     na if ok is None else ("yes" if ok else "no")))  # fmt: skip
+
+    def both(a, b):
+        return a is not None and b is not None
+
+    ours, theirs = (ours_gen.get(64) if fp32 else None), gen.get(("float32", 64))
+    ratio = ours / theirs if both(ours, theirs) else None
+    row("float32 c64 tok/s vs CT2 float32 b64", ours, theirs, ratio, ">= 1.30x",
+        None if ratio is None else ratio >= 1.3)  # fmt: skip
+
+    int8 = {b: v for (q, b), v in gen.items() if q == "int8"}
+    best_b = max(int8, key=int8.get) if int8 else None
+    ours, theirs = ours_gen.get(64), (int8[best_b] if int8 else None)
+    ratio = ours / theirs if both(ours, theirs) else None
+    row(f"{dtype} c64 tok/s vs best CT2 int8" + (f" (b{best_b})" if int8 else ""), ours, theirs, ratio, ">= 2.00x",
+        None if ratio is None else ratio >= 2.0)  # fmt: skip
+
+    ours_t, theirs_t = (ours_gen.get(1) if fp32 else None), gen.get(("float32", 1))
+    ours, theirs = (1000 / ours_t if ours_t else None), (1000 / theirs_t if theirs_t else None)
+    ratio = ours / theirs if both(ours, theirs) else None  # latency ratio = their tok/s / our tok/s
+    row("b1 float32 ms/token vs CT2 float32", ours, theirs, ratio, "<= 1.10x", None if ratio is None else ratio <= 1.1)
+
+    ours, theirs = (ours_score if fp32 else None), (ct2["score"] if ct2 else None)
+    ratio = ours / theirs if both(ours, theirs) else None
+    row("scoring float32 64x256 tok/s vs CT2 score_batch", ours, theirs, ratio, ">= 1.20x",
+        None if ratio is None else ratio >= 1.2)  # fmt: skip
+    diff = max_diff if fp32 else None
+    rows.append(("  with max |d logprob| vs HF float32", na if diff is None else f"{diff:.1e}", "-", "-", "<= 1e-4",
+                 na if diff is None else ("yes" if diff <= 1e-4 else "no")))  # fmt: skip
+
+    row(f"prefix reuse TTFT ms ({dtype}), 480/512 cached vs none", warm * 1000, cold * 1000, warm / cold,
+        "<= 0.25x", warm / cold <= 0.25, ".0f")  # fmt: skip
+
+    print(f"\ntargets (issue 3), run dtype {dtype}" + ("" if ct2 else "; no CTranslate2: pass --ct2-python")
+          + ("" if fp32 else "; float32 rows need --dtype float32"))  # fmt: skip
+    header = ("measure", "ours", "theirs", "ratio", "target", "met")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
+    for r in [header, *rows]:
+        print(f"{r[0]:<{widths[0]}} " + " ".join(f"{c:>{w}}" for c, w in zip(r[1:], widths[1:])))
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 generated tokens instead of 128")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
     parser.add_argument("--batches", default="1,8,32,64", help="concurrency levels; empty to skip generation")
+    parser.add_argument("--ct2-python", default=None, help="python of the baseline venv: runs CTranslate2 too")
+    parser.add_argument("--ct2-scripts", default=str(REPO.parent / "shared" / "bench"),
+                        help="the shared baseline scripts (default: ../shared/bench from the repo root)")
+    parser.add_argument("--ct2-int8-batches", default="1,8,32,64", help="CTranslate2 int8 batch sizes (best wins)")
     args = parser.parse_args()
     new_tokens = 32 if args.quick else 128
     batches = [int(b) for b in args.batches.split(",") if b]
+    if args.ct2_python and not (Path(args.ct2_scripts) / "ct2_generate.py").is_file():
+        parser.error(f"no ct2_generate.py in --ct2-scripts {args.ct2_scripts}")
     print(machine())
     with tempfile.TemporaryDirectory() as tmp:
         store, hf = random_gpt2_small(Path(tmp))
         loaded = load_model(store, "bench", dtype=args.dtype)
-        hf = hf.to(getattr(torch, args.dtype))
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        if args.dtype == "auto":
+            print(f"dtype auto -> {dtype}")
+        hf = hf.to(loaded.dtype)
         kv_tokens = max(64 * 256, max(batches, default=0) * (PROMPT_LEN + new_tokens)) + 1024
         kv_bytes = kv_tokens * KVCache.bytes_per_token(loaded.model.cfg, loaded.dtype)
         config = EngineConfig(SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048), kv_bytes)
@@ -133,17 +278,33 @@ def main() -> None:
         engine = Engine(loaded, config)
         time_to_first_token(engine, prompt[:480] + [1] * 32, "first")  # serves the first 480 tokens
         warm = time_to_first_token(engine, prompt, "reuse")
+        del engine
 
-    print(f"\nscoring 64 x 256 tokens, {args.dtype}: ours {ours_score:.1f} tok/s, HF {hf_score:.1f} tok/s, "
+        ct2 = None
+        if args.ct2_python:
+            ct2 = ct2_baselines(args, Path(tmp) / "hf", Path(tmp), dtype == "float32", batches, new_tokens)
+
+    print(f"\nscoring 64 x 256 tokens, {dtype}: ours {ours_score:.1f} tok/s, HF {hf_score:.1f} tok/s, "
           f"ours/HF {ours_score / hf_score:.2f}x, max |d logprob| vs HF {max_diff:.2e}")
     print(f"prefix reuse, 512-token prompt with 480 cached: TTFT {warm * 1000:.0f} ms vs {cold * 1000:.0f} ms "
           f"uncached ({warm / cold:.2f}x)")
-    if not rows:
-        return
-    print(f"\nGPT-2-small shape, {args.dtype}, prompt {PROMPT_LEN}, {new_tokens} generated, greedy, ignore_eos")
-    print(f"{'concurrent':>10} {'ours tok/s':>11} {'HF tok/s':>9} {'ours/HF':>8} {'TTFT p50 s':>11} {'TTFT p95 s':>11}")
-    for batch, ours, theirs, t50, t95 in rows:
-        print(f"{batch:>10} {ours:>11.1f} {theirs:>9.1f} {ours / theirs:>7.2f}x {t50:>11.3f} {t95:>11.3f}")
+    if rows:
+        print(f"\nGPT-2-small shape, {dtype}, prompt {PROMPT_LEN}, {new_tokens} generated, greedy, ignore_eos")
+        print(f"{'concurrent':>10} {'ours tok/s':>11} {'HF tok/s':>9} {'ours/HF':>8} {'TTFT p50 s':>11} {'TTFT p95 s':>11}")
+        for batch, ours, theirs, t50, t95 in rows:
+            print(f"{batch:>10} {ours:>11.1f} {theirs:>9.1f} {ours / theirs:>7.2f}x {t50:>11.3f} {t95:>11.3f}")
+    if ct2:
+        gen, compute = ct2["gen"], ct2["compute"]
+        print(f"\nCTranslate2 generate_batch tok/s, prompt {PROMPT_LEN}, {new_tokens} generated "
+              f"(compute types: {', '.join(f'{q} -> {c}' for q, c in compute.items())})")  # fmt: skip
+        print(f"{'batch':>10} {'float32':>9} {'int8':>9}")
+        for b in sorted({b for _, b in gen}):
+            cells = [gen.get((q, b)) for q in ("float32", "int8")]
+            print(f"{b:>10} " + " ".join(f"{'-' if v is None else f'{v:.1f}':>9}" for v in cells))
+        if ct2["score"] is not None:
+            print(f"CTranslate2 float32 score_batch 64 x 256 (max_batch_size {CT2_SCORE_BATCH}): "
+                  f"{ct2['score']:.1f} tok/s")
+    print_targets(dtype, {b: ours for b, ours, *_ in rows}, ours_score, max_diff, warm, cold, ct2)
 
 
 if __name__ == "__main__":
