@@ -64,6 +64,9 @@ async def merged(backend, metrics: Metrics, jobs: list[Job]) -> AsyncIterator[tu
                     metrics.sequence_finished(backend.labels, out.stats, out.finish_reason,
                                               len(out.prompt_logprobs or ()))  # fmt: skip
                 queue.put_nowait((i, out))
+        except asyncio.CancelledError:  # the client left, or a sibling failed: generate() aborted it
+            metrics.aborts.labels(*backend.labels).inc()
+            raise
         except BaseException as exc:
             queue.put_nowait((i, exc))
             raise

@@ -124,6 +124,7 @@ class Engine:
         start = time.monotonic()
         batch = self.scheduler.schedule()
         if not batch:
+            self.last_step = self.state()
             return []
         for seq in batch.seqs:
             stats = self.requests[seq.key].stats
