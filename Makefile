@@ -4,12 +4,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test install clean-venv
+.PHONY: test install serve clean-venv
 
-test: $(INSTALLED)
+test: $(INSTALLED) $(VENV)/bin/promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Serves MODEL (default: the bundled default@prod) on 127.0.0.1:8000; settings from the environment.
+serve: $(INSTALLED)
+	$(PY) -m service
+
 install: $(INSTALLED)
+
+# promtool checks the /metrics output in the tests; from Debian's prometheus package when apt is there.
+$(VENV)/bin/promtool: | $(PY)
+	scripts/get-prometheus.sh $(VENV)/bin
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
