@@ -1,4 +1,5 @@
-"""`python -m model_store`: the store's command line (import-hf, list, show, verify, promote, eval).
+"""`python -m model_store`: the store's command line (import-hf, list, show, verify, promote, eval,
+finetune).
 
 Errors print as one `error: ...` line on stderr with exit status 1 (2 for usage errors), never a
 traceback unless --debug. This is the only place the store reads the environment (MODEL_STORE_ROOT).
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import StoreError
+from .finetune.cli import add_parser as add_finetune_parser
 from .manifest import STORED_DTYPES
 from .refs import validate_alias, validate_name
 from .registry import ModelStore, store_root
@@ -78,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--record", action="store_true", help="add the results to the manifest as a new revision")
     cmd.add_argument("--label", help="metrics key when recording (default: eval:<file names>)")
     cmd.set_defaults(handler=_eval)
+
+    add_finetune_parser(commands)
     return parser
 
 

@@ -1,0 +1,101 @@
+"""Fixtures for the fine-tuning tests: a tiny random GPT-2 (2 layers, 32 wide, 64 positions) imported into
+a store as `tiny@1`, a JSONL corpus, `train_run` to run `finetune` in-process on them, and `fork_cli` to run
+the CLI in a child process.
+
+Child processes are forked rather than started fresh: a fresh interpreter spends seconds importing torch and
+transformers, and the forked child is still a real process (it can be SIGKILLed, it has its own RNG state
+and its own torch.distributed rank).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO
+
+import pytest
+import torch
+
+from model_store import ModelStore
+from model_store.__main__ import main
+from model_store.finetune.checkpoint import CHECKPOINT_FILE, read_log
+from model_store.finetune.config import RunOptions, TrainConfig
+from model_store.finetune.train import finetune
+from model_store.import_hf import import_hf
+from conftest import CORPUS  # tests/conftest.py, on sys.path as the rootdir conftest
+
+TINY_FT = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+# A short run that still has several checkpoints, evaluations and an LR schedule.
+BASE_RUN = dict(block_size=32, batch_size=2, grad_accum=2, steps=12, lr=3e-3, warmup_steps=2,
+                checkpoint_every=4, eval_every=4, seed=1)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_store(make_hf_model, tmp_path_factory) -> ModelStore:
+    store = ModelStore(tmp_path_factory.mktemp("ft-store"))
+    import_hf(store, str(make_hf_model(seed=11, config=TINY_FT)), "tiny")
+    return store
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ft-data") / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in CORPUS))
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Same thread count in the test and its forked children (which must use 1), so runs compare bit for bit:
+    Adam turns last-bit differences in tiny gradients into lr-sized weight differences."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train_run(store: ModelStore, run_dir: Path, data: Path, *, resume: bool = False, export: bool = False,
+              name: str | None = None, **overrides):  # fmt: skip
+    """Run finetune in-process from tiny@1 (or resume it); returns the RunResult."""
+    settings = {"base": "tiny@1", "data": (str(data),), **BASE_RUN, **overrides}
+    config = None if resume else TrainConfig(**settings)
+    options = RunOptions(run_dir=run_dir, resume=resume, export=export, progress=False, name=name)
+    return finetune(store, config, options)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)["model"]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_log(run_dir)]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+def fork_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, IO[str]]:
+    """Fork a child running `python -m model_store ARGS` (in-process `main`); returns its pid and its stderr."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            os.close(read_fd)
+            sys.stderr = os.fdopen(write_fd, "w", buffering=1)
+            os.environ.update(env or {})
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
+            code = main(args)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    return pid, os.fdopen(read_fd)
+
+
+def wait_status(pid: int) -> int:
+    """The child's exit code, or minus the signal that killed it."""
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
