@@ -78,8 +78,9 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
         await stack.aclose()
         raise
     rid = jobs[0].request_id
+    request.state.usage = usage = {}  # logged with the request once the response is complete
     if req.stream:
-        stream = _stream_completion(req, prompts, jobs, backend, server.metrics, rid, stack)
+        stream = _stream_completion(req, prompts, jobs, backend, server.metrics, rid, stack, usage)
         return StreamingResponse(stream, media_type="text/event-stream")
     async with stack:
         try:
@@ -90,10 +91,10 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
             raise
         except Exception as exc:
             raise engine_error(exc) from exc
+    usage.update(_usage(prompts, choices))
     return JSONResponse({
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": _model_id(backend),
-        "choices": [_completion_choice(i, c, req, backend) for i, c in enumerate(choices)],
-        "usage": _usage(prompts, choices),
+        "choices": [_completion_choice(i, c, req, backend) for i, c in enumerate(choices)], "usage": usage,
     })  # fmt: skip
 
 
@@ -152,7 +153,7 @@ def _usage(prompts: list[PromptInput], choices: list[Choice]) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-async def _stream_completion(req: CompletionRequest, prompts, jobs, backend, metrics, rid: str, stack) -> AsyncIterator[bytes]:
+async def _stream_completion(req: CompletionRequest, prompts, jobs, backend, metrics, rid: str, stack, usage: dict) -> AsyncIterator[bytes]:
     created, model, n = int(time.time()), _model_id(backend), req.n
     choices = [Choice(prompts[i // n]) for i in range(len(jobs) * n)]
 
@@ -177,9 +178,10 @@ async def _stream_completion(req: CompletionRequest, prompts, jobs, backend, met
                 logprobs = logprobs_object(entries, backend.token_strings) if req.logprobs is not None else None
                 if prefix or out.text or out.token_ids or out.finished:
                     yield chunk(index, prefix + out.text, logprobs, _finish_reason(out))
+            usage.update(_usage(prompts, choices))
             if req.stream_options and req.stream_options.include_usage:
                 yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": _usage(prompts, choices)})  # fmt: skip
+                           "choices": [], "usage": usage})  # fmt: skip
         except Exception as exc:
             yield sse_error(exc)
         yield sse("[DONE]")
@@ -203,8 +205,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
         await stack.aclose()
         raise
     rid = jobs[0].request_id
+    request.state.usage = usage = {}
     if req.stream:
-        stream = _stream_chat(req, prompt, jobs, backend, server.metrics, rid, stack)
+        stream = _stream_chat(req, prompt, jobs, backend, server.metrics, rid, stack, usage)
         return StreamingResponse(stream, media_type="text/event-stream")
     async with stack:
         try:
@@ -215,12 +218,13 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
             raise
         except Exception as exc:
             raise engine_error(exc) from exc
+    usage.update(_usage([prompt], choices))
     return JSONResponse({
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": _model_id(backend),
         "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                      "logprobs": _chat_logprobs(c.entries, backend) if req.logprobs else None,
                      "finish_reason": c.finish_reason or "length"} for i, c in enumerate(choices)],
-        "usage": _usage([prompt], choices),
+        "usage": usage,
     })  # fmt: skip
 
 
@@ -231,7 +235,7 @@ def _chat_logprobs(entries: list[LogprobEntry], backend) -> dict:
                         for e in entries]}  # fmt: skip
 
 
-async def _stream_chat(req: ChatCompletionRequest, prompt, jobs, backend, metrics, rid: str, stack) -> AsyncIterator[bytes]:
+async def _stream_chat(req: ChatCompletionRequest, prompt, jobs, backend, metrics, rid: str, stack, usage: dict) -> AsyncIterator[bytes]:
     created, model = int(time.time()), _model_id(backend)
     choices = [Choice(prompt) for _ in range(req.n)]
 
@@ -249,9 +253,10 @@ async def _stream_chat(req: ChatCompletionRequest, prompt, jobs, backend, metric
                 logprobs = _chat_logprobs(entries, backend) if req.logprobs else None
                 if out.text or out.finished:
                     yield chunk(out.index, {"content": out.text} if out.text else {}, _finish_reason(out), logprobs)
+            usage.update(_usage([prompt], choices))
             if req.stream_options and req.stream_options.include_usage:
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [], "usage": _usage([prompt], choices)})  # fmt: skip
+                           "choices": [], "usage": usage})  # fmt: skip
         except Exception as exc:
             yield sse_error(exc)
         yield sse("[DONE]")

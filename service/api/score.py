@@ -50,6 +50,7 @@ async def score(req: ScoreRequest, request: Request) -> Response:
             raise
         except Exception as exc:
             raise engine_error(exc) from exc
+    request.state.usage = body["usage"]
     return JSONResponse({"object": "score", "created": int(time.time()), "model": f"{backend.name}@{backend.version}", **body})
 
 

@@ -97,7 +97,10 @@ def test_sigterm_drains_then_exits_0(http_store, drain_timeout):
         assert any("error" in json.loads(events[-2]) for events in streams)
     text = logs(proc)
     lines = [parsed for line in text.splitlines() if (parsed := _json(line)) is not None]
-    assert any(line.get("msg") == "request" and line.get("path") == "/v1/completions" for line in lines)
+    requests = [line for line in lines if line.get("msg") == "request" and line.get("path") == "/v1/completions" and line["status"] == 200]
+    assert requests and all(len(line["request_id"]) == 32 and line["duration_ms"] > 0 for line in requests)
+    if drain_timeout == 60:  # finished streams log their token counts
+        assert [line.get("completion_tokens") for line in requests] == [200, 200, 200], requests
     assert MARKER not in text
 
 
