@@ -25,15 +25,22 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def http_store(make_hf_model, tmp_path_factory):
-    """A store with tiny@1 (alias prod) and tiny@2 (other weights); returns (root, {version: hf model dir})."""
+    """A store with tiny@1 (alias prod), tiny@2 (other weights) and tiny@3 (with a chat template); returns
+    (root, {version: hf model dir})."""
     root = tmp_path_factory.mktemp("http-store")
     store = ModelStore(root)
     sources = {}
-    for version, seed in ((1, 11), (2, 12)):
+    for version, seed in ((1, 11), (2, 12), (3, 13)):
         src = make_hf_model(seed=seed, config={"n_positions": 256})
+        if version == 3:  # a chat model
+            (src / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         import_hf(store, str(src), "tiny", alias="prod" if version == 1 else None)
         sources[version] = src
     return root, sources
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}")  # fmt: skip
 
 
 @pytest.fixture(scope="session")

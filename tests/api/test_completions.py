@@ -8,6 +8,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from .conftest import serve
+
 
 def tokenizer(http_store) -> Tokenizer:
     return Tokenizer.from_file(str(http_store[1][1] / "tokenizer.json"))
@@ -166,3 +168,14 @@ def test_chat_uses_dialogpt_convention_and_streams_the_same(live, http_store):
     assert events[-1]["choices"][0]["finish_reason"] == chat["choices"][0]["finish_reason"]
     r = live.client.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
+
+
+def test_chat_uses_the_models_chat_template(http_store):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there."}]
+    rendered = "[system] Be brief.\n[user] Hello there.\n[assistant]"
+    with serve(http_store[0], model="tiny@3") as live:
+        chat = live.client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5, "temperature": 0}).json()
+        plain = live.client.post("/v1/completions", json={"prompt": rendered, "max_tokens": 5, "temperature": 0}).json()
+        assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
+        assert chat["usage"] == plain["usage"]
+        assert live.client.get("/tokenizer_info").json()["chat_template"].startswith("{% for m in messages %}")
