@@ -5,7 +5,21 @@ do (context length, vocabulary, `n` and stop limits) are checked where requests 
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import StrictStr as _StrictStr
+
+
+def _encodable(text: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that are no Unicode text: refuse them here, not in the
+    tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text contains an unpaired surrogate (invalid Unicode)") from None
+    return text
+
+
+StrictStr = Annotated[_StrictStr, AfterValidator(_encodable)]
 
 TokenIds = list[StrictInt]
 Prompt = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]

@@ -179,3 +179,30 @@ def test_chat_uses_the_models_chat_template(http_store):
         assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
         assert chat["usage"] == plain["usage"]
         assert live.client.get("/tokenizer_info").json()["chat_template"].startswith("{% for m in messages %}")
+
+
+HOSTILE = [
+    b'{"prompt": "\\ud800abc", "max_tokens": 2}',  # a lone surrogate: valid JSON, invalid Unicode
+    b'{"prompt": "ok", "stop": ["\\udfff"], "max_tokens": 2}',
+    b'{"text": "\\ud800"}',
+    b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+    b'{"prompt": "\xff\xfe", "max_tokens": 2}',  # invalid UTF-8
+    b"[" * 50000 + b"]" * 50000,  # deeply nested
+    b'{"prompt": "x", "logit_bias": {"1": 1e308}}',
+    b'{"prompt": [1e30]}',
+    b'{"prompt": "x", "n": 1e30}',
+    b'{"prompt": "x", "max_tokens": 99999999999999999999999}',
+    b'{"prompt": [[1, 2], "mixed"]}',
+    b'{"prompt": "x", "stop": null, "seed": -1}',
+    b"null",
+    b"",
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/score", "/tokenize", "/detokenize"])
+def test_hostile_bodies_never_get_a_5xx(live, path):
+    for body in HOSTILE:
+        r = live.client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code < 500, (path, body[:60], r.status_code, r.text[:200])
+        if r.status_code >= 400:  # some bodies are valid for some endpoints (extra fields are ignored)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
