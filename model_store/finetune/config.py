@@ -79,10 +79,10 @@ class TrainConfig:
             steps = self.steps or math.ceil(self.epochs * num_train_blocks / self.global_batch)
             changes["steps"] = steps
             changes["warmup_steps"] = self.warmup_steps if self.warmup_steps is not None else round(0.05 * steps)
-            if self.lr is None:
-                changes["lr"] = 6e-4 if self.from_scratch else 2e-4 if self.lora else 5e-5
-            if self.lora and self.lora_alpha is None:
-                changes["lora_alpha"] = 2.0 * self.lora_r
+        if self.lr is None:
+            changes["lr"] = 6e-4 if self.from_scratch else 2e-4 if self.lora else 5e-5
+        if self.lora and self.lora_alpha is None:
+            changes["lora_alpha"] = 2.0 * self.lora_r
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -59,8 +59,8 @@ def finetune(store: ModelStore, config: TrainConfig | None, options: RunOptions)
     with process_group(options.device) as group:
         config = _run_config(store, config, options, group)
         tok = load_tokenizer(store, config)
+        config = config.resolved(n_positions=_n_positions(store, config))
         model = build_model(store, config, tok)
-        config = config.resolved(n_positions=model.config.n_positions)
         dataset = _load_data(config, tok)
         config = config.resolved(n_positions=model.config.n_positions, num_train_blocks=len(dataset.train))
         trainer = Trainer(model, config, dataset, group, options)
@@ -108,6 +108,10 @@ def _run_config(store: ModelStore, config: TrainConfig | None, options: RunOptio
         if options.alias is not None:
             validate_alias(options.alias)
     return config
+
+
+def _n_positions(store: ModelStore, config: TrainConfig) -> int:
+    return config.n_positions if config.from_scratch else resolve_base(store, config.base).manifest.config.n_positions
 
 
 def _as_saved(value: Any) -> Any:

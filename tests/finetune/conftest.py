@@ -72,7 +72,14 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    """Every weight within atol, except the attention key bias: it shifts all of a query's scores by the same
+    amount, so softmax ignores it and its true gradient is 0. Its computed gradient is rounding noise that
+    Adam scales to lr-sized steps, different for every way of summing the same batch."""
     assert a.keys() == b.keys()
+    e = TINY_FT["n_embd"]
+    a, b = dict(a), dict(b)
+    for k in [k for k in a if k.endswith("attn.c_attn.bias")]:  # (q, k, v) biases: drop k
+        a[k], b[k] = torch.cat([a[k][:e], a[k][2 * e :]]), torch.cat([b[k][:e], b[k][2 * e :]])
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= atol, f"weights differ by up to {worst}"
 
