@@ -8,6 +8,7 @@ defaults, and `--resume` refuses any given option that differs from the run's sa
 import argparse
 from pathlib import Path
 
+from ..errors import StoreError
 from ..manifest import STORED_DTYPES
 from ..refs import validate_alias, validate_name
 from ..registry import ModelStore
@@ -91,6 +92,8 @@ def run(store: ModelStore, args: argparse.Namespace) -> int:
         data_license=args.data_license, sample_prompt=args.sample_prompt, export=args.export,
         progress=args.progress, device=args.device, overrides=given,
     )  # fmt: skip
+    if "steps" in given and "epochs" in given:
+        raise StoreError("give --steps or --epochs, not both")
     config = None if args.resume else TrainConfig.from_dict(given)
     from .train import finetune  # pulls in torch
 

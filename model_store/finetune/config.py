@@ -137,8 +137,8 @@ def _check(c: TrainConfig) -> None:
         raise StoreError("--tokenizer applies to --from-scratch only; a base model brings its own tokenizer")
     if c.n_embd % c.n_head:
         raise StoreError(f"n-embd {c.n_embd} is not divisible by n-head {c.n_head}")
-    if (c.steps is None) == (c.epochs is None):
-        raise StoreError("give exactly one of --steps and --epochs")
+    if c.steps is None and c.epochs is None:
+        raise StoreError("give --steps or --epochs")
     if c.epochs is not None and c.epochs <= 0:
         raise StoreError(f"epochs must be positive, got {c.epochs}")
     if not c.eval_file and not 0 < c.eval_fraction < 1:
