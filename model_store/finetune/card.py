@@ -53,8 +53,8 @@ def model_card(*, name: str, config: TrainConfig, arch: ArchConfig, metrics: dic
         objective += (f" + {config.negative_weight} x unlikelihood of {config.negatives} noise tokens per position "
                       "(Welleck et al. 2019), noise from the training unigram distribution")  # fmt: skip
     data = "\n".join(f"- `{Path(p).name}`" for p in config.data)
-    held_out = ("\n".join(f"- `{Path(p).name}` (held out)" for p in config.eval_file) if config.eval_file
-                else f"- held out: a seeded random {config.eval_fraction:.0%} of the packed training blocks")  # fmt: skip
+    held_out = "\n".join(f"- `{Path(p).name}` (held out)" for p in config.eval_file) if config.eval_file \
+        else f"- held out: a seeded random {config.eval_fraction:.0%} of the packed blocks"  # fmt: skip
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
     return f"""# {name}
 

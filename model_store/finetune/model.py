@@ -31,9 +31,10 @@ class TokenizerSource:
     stored_dtype: str  # the dtype the export stores by default
 
 
-def resolve_base(store: ModelStore, ref: str) -> StoredVersion:
-    """Verify a base version (every file's sha256) and return it; `ref` may be an alias or `latest`."""
-    return store.verify(parse_ref(ref))
+def resolve_base(store: ModelStore, ref: str, *, verify: bool = True) -> StoredVersion:
+    """A base version, every file's sha256 checked unless `verify` is False (for reading its manifest or
+    tokenizer only); `ref` may be an alias or `latest`."""
+    return store.verify(parse_ref(ref)) if verify else store.resolve(parse_ref(ref))
 
 
 def load_tokenizer(store: ModelStore, config: TrainConfig) -> TokenizerSource:
@@ -47,7 +48,7 @@ def load_tokenizer(store: ModelStore, config: TrainConfig) -> TokenizerSource:
         if info.eos_token_id is None or tokenizer.id_to_token(info.eos_token_id) is None:
             raise StoreError(f"tokenizer in {path} has no {_EOS} token to separate documents")
         return TokenizerSource(tokenizer, info, _tokenizer_json(path), "float32")
-    stored = resolve_base(store, source)
+    stored = resolve_base(store, source, verify=False)  # the run verifies it when it starts and loads weights
     file = stored.path / stored.manifest.tokenizer.file
     dtype = stored.manifest.dtype if not config.from_scratch else "float32"
     info = stored.manifest.tokenizer

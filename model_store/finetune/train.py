@@ -90,6 +90,8 @@ def _run_config(store: ModelStore, config: TrainConfig | None, options: RunOptio
             raise StoreError(f"the run used {config.world_size} processes; resume it with the same number")
     else:
         assert config is not None
+        if (options.run_dir / CHECKPOINT_FILE).exists():  # checked by every process, before any collective
+            raise StoreError(f"{options.run_dir} already holds a run; continue it with --resume or pick another")
         changes: dict[str, Any] = {"world_size": group.world_size}
         changes["data"] = tuple(str(Path(p).resolve()) for p in config.data)
         changes["eval_file"] = tuple(str(Path(p).resolve()) for p in config.eval_file)
@@ -111,7 +113,9 @@ def _run_config(store: ModelStore, config: TrainConfig | None, options: RunOptio
 
 
 def _n_positions(store: ModelStore, config: TrainConfig) -> int:
-    return config.n_positions if config.from_scratch else resolve_base(store, config.base).manifest.config.n_positions
+    if config.from_scratch:
+        return config.n_positions
+    return resolve_base(store, config.base, verify=False).manifest.config.n_positions
 
 
 def _as_saved(value: Any) -> Any:
@@ -128,8 +132,6 @@ def _load_data(config: TrainConfig, tok: TokenizerSource) -> Dataset:
 
 def _start_run_dir(run_dir: Path, config: TrainConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / CHECKPOINT_FILE).exists():
-        raise StoreError(f"{run_dir} already holds a run; pass --resume to continue it, or another --run-dir")
     atomic_save(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n", run_dir / CONFIG_FILE)
     atomic_save("", run_dir / LOG_FILE)
 

@@ -55,8 +55,10 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_store, corpus, tmp
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(run_dir), atol=1e-6)
 
 
-def test_resume_refuses_a_changed_option(tiny_store, corpus, tmp_path):
+def test_resume_refuses_a_changed_option_and_a_fresh_run_refuses_a_used_dir(tiny_store, corpus, tmp_path):
     train_run(tiny_store, tmp_path / "run", corpus, steps=2)
+    with pytest.raises(StoreError, match="already holds a run"):
+        train_run(tiny_store, tmp_path / "run", corpus, steps=2)
     options = RunOptions(run_dir=tmp_path / "run", resume=True, export=False, progress=False,
                          overrides={"lr": 1.0})  # fmt: skip
     with pytest.raises(StoreError, match="lr=1.0"):
