@@ -71,6 +71,11 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_log(run_dir)]
 
 
+def grad_norms(run_dir: Path) -> list[float]:
+    """Pre-clipping gradient norms: Adam and clipping hide a gradient's scale from the weights, these do not."""
+    return [r["grad_norm"] for r in read_log(run_dir)]
+
+
 def assert_same_weights(a: dict, b: dict, atol: float) -> None:
     """Every weight within atol, except the attention key bias: it shifts all of a query's scores by the same
     amount, so softmax ignores it and its true gradient is 0. Its computed gradient is rounding noise that

@@ -3,7 +3,9 @@ torchrun launches them) equal 1 process, and 8 x 1 accumulation equals 2 x 4."""
 
 import socket
 
-from .conftest import assert_same_weights, final_weights, fork_cli, losses, train_run, wait_status
+import pytest
+
+from .conftest import assert_same_weights, final_weights, fork_cli, grad_norms, losses, train_run, wait_status
 
 SETTINGS = dict(steps=6, eval_every=3, negatives=2)
 
@@ -31,6 +33,7 @@ def test_two_ddp_processes_equal_one_at_the_same_global_batch(tiny_store, corpus
     assert [wait_status(pid) for pid, _ in children] == [0, 0], outputs
 
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "one"), losses(run_dir))) <= 1e-5
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(tmp_path / "one"), rel=1e-5)
     assert_same_weights(final_weights(tmp_path / "one"), final_weights(run_dir), atol=1e-5)
 
 
@@ -38,6 +41,7 @@ def test_batch_8_accum_1_equals_batch_2_accum_4(tiny_store, corpus, tmp_path, on
     train_run(tiny_store, tmp_path / "a", corpus, batch_size=8, grad_accum=1, **SETTINGS)
     train_run(tiny_store, tmp_path / "b", corpus, batch_size=2, grad_accum=4, **SETTINGS)
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "a"), losses(tmp_path / "b"))) <= 1e-5
+    assert grad_norms(tmp_path / "b") == pytest.approx(grad_norms(tmp_path / "a"), rel=1e-5)
     assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"), atol=1e-5)
     # and a different global batch does not match, so the comparison can tell
     train_run(tiny_store, tmp_path / "c", corpus, batch_size=2, grad_accum=2, **SETTINGS)
