@@ -68,6 +68,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> None:
         cfg = loaded.model.cfg
         torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
+        loaded.model.choose_layout(rows=min(64, config.scheduler.max_num_seqs))
         bytes_per_block = KVCache.bytes_per_token(cfg, loaded.dtype) * config.block_size
         num_blocks = config.kv_cache_bytes // bytes_per_block
         assert num_blocks > 0, "kv_cache_bytes is too small for one block"
