@@ -50,6 +50,10 @@ class Backend:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
+    def model_id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
     def labels(self) -> tuple[str, str]:
         return self.name, str(self.version)
 
@@ -76,7 +80,7 @@ class ModelServer:
         """Load the configured model, run a warm-up request through it, then turn ready."""
         self.backend = await self._open(self.config.model)
         self.state = State.READY
-        logger.info("ready", extra={"fields": {"model": f"{self.backend.name}@{self.backend.version}"}})
+        logger.info("ready", extra={"fields": {"model": self.backend.model_id}})
 
     async def reload(self, ref: str) -> Backend:
         """Serve `ref` from now on; requests in flight finish on the old backend, which then stops."""
@@ -86,7 +90,7 @@ class ModelServer:
             if old is not None:
                 self._retired.add(old)
                 asyncio.get_running_loop().create_task(self._retire(old))
-            logger.info("reloaded", extra={"fields": {"model": f"{new.name}@{new.version}"}})
+            logger.info("reloaded", extra={"fields": {"model": new.model_id}})
             return new
 
     async def drain(self, timeout: float) -> None:

@@ -18,18 +18,19 @@ from service.engine.engine import EngineOutput
 from service.engine.types import TokenLogprob
 
 from .chat import chat_prompt
-from .errors import APIError, invalid
+from .errors import invalid
 from .protocol import (
     LogprobEntry,
     PromptInput,
     check_context,
+    check_model,
     logprobs_object,
     prompt_entries,
     prompt_inputs,
     sampling_params,
 )
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .streams import ClientGone, Job, engine_error, merged, sse, sse_error, until_disconnect
+from .streams import Job, complete, merged, sse, sse_error
 
 router = APIRouter()
 
@@ -58,58 +59,73 @@ def _add(choice: Choice, out: EngineOutput) -> None:
     choice.finish_reason = _finish_reason(out) or choice.finish_reason
 
 
-@router.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request) -> Response:
+@dataclass
+class _Call:
+    """One HTTP request's engine work, as the streaming and non-streaming paths share it."""
+
+    backend: object
+    metrics: object
+    request_id: str
+    prompts: list[PromptInput]
+    jobs: list[Job]
+    usage: dict = field(default_factory=dict)  # logged with the request once the response is complete
+
+
+async def _serve(request: Request, req, prepare, stream, body) -> Response:
+    """Both routes: hold a backend session for the whole response; `prepare(server, backend)` validates
+    and returns (prompts, jobs); then stream (`stream(req, call)` yields SSE chunks) or collect (`body(req,
+    call, choices)` builds the JSON)."""
     server = request.app.state.server
     stack = contextlib.AsyncExitStack()
     backend = await stack.enter_async_context(server.session())
     try:
-        _check_model(req.model, backend)
-        prompts = prompt_inputs(req.prompt, backend.loaded.tokenizer, backend.vocab_size)
-        echo_logprobs = req.echo and req.logprobs is not None
-        jobs = []
-        for i, prompt in enumerate(prompts):
-            max_tokens = _max_tokens(req.max_tokens, len(prompt.token_ids), backend.max_model_len, req.echo)
-            params = sampling_params(req, server.config, backend.vocab_size, max_tokens=max_tokens,
-                                     logprobs=req.logprobs, prompt_logprobs=req.logprobs if echo_logprobs else None)  # fmt: skip
-            jobs.append(Job(server.request_id("cmpl"), prompt.token_ids, params))
+        check_model(req.model, backend)
+        prompts, jobs = prepare(server, backend)
         _check_total(len(jobs) * req.n, server.config.max_waiting_requests)
     except BaseException:
         await stack.aclose()
         raise
-    rid = jobs[0].request_id
-    request.state.usage = usage = {}  # logged with the request once the response is complete
+    call = _Call(backend, server.metrics, jobs[0].request_id, prompts, jobs)
+    request.state.usage = call.usage
     if req.stream:
-        stream = _stream_completion(req, prompts, jobs, backend, server.metrics, rid, stack, usage)
-        return StreamingResponse(stream, media_type="text/event-stream")
+        return StreamingResponse(_sse_stream(stack, stream(req, call)), media_type="text/event-stream")
+    async with stack:
+        choices = await complete(request, _collect(call, req.n))
+    call.usage.update(_usage(prompts, choices))
+    return JSONResponse(body(req, call, choices))
+
+
+async def _sse_stream(stack: contextlib.AsyncExitStack, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The session is held until the stream ends; a failure mid-stream is an error event; always [DONE]."""
     async with stack:
         try:
-            choices = await until_disconnect(request, _collect(backend, server.metrics, jobs, prompts, req.n))
-        except ClientGone:
-            return Response(status_code=499)
-        except APIError:
-            raise
+            async for chunk in chunks:
+                yield chunk
         except Exception as exc:
-            raise engine_error(exc) from exc
-    usage.update(_usage(prompts, choices))
-    return JSONResponse({
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": _model_id(backend),
-        "choices": [_completion_choice(i, c, req, backend) for i, c in enumerate(choices)], "usage": usage,
-    })  # fmt: skip
+            yield sse_error(exc)
+        yield sse("[DONE]")
 
 
-def _check_model(model: str | None, backend) -> None:
-    if model and model not in _model_names(backend):
-        raise APIError(404, f"model {model!r} is not served here; this server serves {_model_id(backend)!r}",
-                       "model", "model_not_found")  # fmt: skip
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request) -> Response:
+    def prepare(server, backend) -> tuple[list[PromptInput], list[Job]]:
+        prompts = prompt_inputs(req.prompt, backend.loaded.tokenizer, backend.vocab_size)
+        echo_logprobs = req.echo and req.logprobs is not None
+        jobs = []
+        for prompt in prompts:
+            max_tokens = _max_tokens(req.max_tokens, len(prompt.token_ids), backend.max_model_len, req.echo)
+            params = sampling_params(req, server.config, backend.vocab_size, max_tokens=max_tokens,
+                                     logprobs=req.logprobs, prompt_logprobs=req.logprobs if echo_logprobs else None)  # fmt: skip
+            jobs.append(Job(server.request_id("cmpl"), prompt.token_ids, params))
+        return prompts, jobs
+
+    return await _serve(request, req, prepare, _stream_completion, _completion_body)
 
 
-def _model_names(backend) -> set[str]:
-    return {backend.name, f"{backend.name}@{backend.version}", _model_id(backend)}
-
-
-def _model_id(backend) -> str:
-    return f"{backend.name}@{backend.version}"
+def _completion_body(req: CompletionRequest, call: _Call, choices: list["Choice"]) -> dict:
+    return {"id": call.request_id, "object": "text_completion", "created": int(time.time()),
+            "model": call.backend.model_id, "usage": call.usage,
+            "choices": [_completion_choice(i, c, req, call.backend) for i, c in enumerate(choices)]}  # fmt: skip
 
 
 def _max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int, echo: bool) -> int:
@@ -126,9 +142,10 @@ def _check_total(num_sequences: int, limit: int) -> None:
         raise invalid(f"the request asks for {num_sequences} sequences (prompts × n); the limit is {limit}", "n")
 
 
-async def _collect(backend, metrics, jobs: list[Job], prompts: list[PromptInput], n: int) -> list[Choice]:
-    choices = [Choice(prompts[i // n]) for i in range(len(jobs) * n)]
-    async for i, out in merged(backend, metrics, jobs):
+async def _collect(call: _Call, n: int) -> list[Choice]:
+    jobs = call.jobs
+    choices = [Choice(call.prompts[i // n]) for i in range(len(jobs) * n)]
+    async for i, out in merged(call.backend, call.metrics, jobs):
         _add(choices[i * n + out.index], out)
     if jobs and jobs[0].params.max_tokens == 0:  # scoring only: one engine sequence stands for every sample
         for i in range(len(jobs)):
@@ -153,79 +170,55 @@ def _usage(prompts: list[PromptInput], choices: list[Choice]) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-async def _stream_completion(req: CompletionRequest, prompts, jobs, backend, metrics, rid: str, stack, usage: dict) -> AsyncIterator[bytes]:
-    created, model, n = int(time.time()), _model_id(backend), req.n
-    choices = [Choice(prompts[i // n]) for i in range(len(jobs) * n)]
+async def _stream_completion(req: CompletionRequest, call: _Call) -> AsyncIterator[bytes]:
+    created, model, n, backend = int(time.time()), call.backend.model_id, req.n, call.backend
+    choices = [Choice(call.prompts[i // n]) for i in range(len(call.jobs) * n)]
 
     def chunk(index: int, text: str, logprobs, finish_reason) -> bytes:
-        return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+        return sse({"id": call.request_id, "object": "text_completion", "created": created, "model": model,
                     "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]})  # fmt: skip
 
     started: set[int] = set()
-    async with stack:
-        try:
-            async for i, out in merged(backend, metrics, jobs):
-                index = i * n + out.index
-                choice = choices[index]
-                prefix, entries = "", []
-                if index not in started and req.echo:
-                    prefix = choice.prompt.text
-                    if req.logprobs is not None:
-                        entries = prompt_entries(choice.prompt.token_ids, out.prompt_logprobs)
-                started.add(index)
-                _add(choice, out)
-                entries += [LogprobEntry(t, lp, top) for t, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs)]
-                logprobs = logprobs_object(entries, backend.token_strings) if req.logprobs is not None else None
-                if prefix or out.text or out.token_ids or out.finished:
-                    yield chunk(index, prefix + out.text, logprobs, _finish_reason(out))
-            usage.update(_usage(prompts, choices))
-            if req.stream_options and req.stream_options.include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [], "usage": usage})  # fmt: skip
-        except Exception as exc:
-            yield sse_error(exc)
-        yield sse("[DONE]")
+    async for i, out in merged(backend, call.metrics, call.jobs):
+        index = i * n + out.index
+        choice = choices[index]
+        prefix, entries = "", []
+        if index not in started and req.echo:
+            prefix = choice.prompt.text
+            if req.logprobs is not None:
+                entries = prompt_entries(choice.prompt.token_ids, out.prompt_logprobs)
+        started.add(index)
+        _add(choice, out)
+        entries += [LogprobEntry(t, lp, top) for t, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs)]
+        logprobs = logprobs_object(entries, backend.token_strings) if req.logprobs is not None else None
+        if prefix or out.text or out.token_ids or out.finished:
+            yield chunk(index, prefix + out.text, logprobs, _finish_reason(out))
+    call.usage.update(_usage(call.prompts, choices))
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse({"id": call.request_id, "object": "text_completion", "created": created, "model": model,
+                   "choices": [], "usage": call.usage})  # fmt: skip
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-    server = request.app.state.server
-    stack = contextlib.AsyncExitStack()
-    backend = await stack.enter_async_context(server.session())
-    try:
-        _check_model(req.model, backend)
+    def prepare(server, backend) -> tuple[list[PromptInput], list[Job]]:
         ids = chat_prompt(req.messages, backend)
-        prompt = PromptInput(ids, "")
         max_tokens = _max_tokens(req.max_completion_tokens or req.max_tokens, len(ids), backend.max_model_len, False)
         top = req.top_logprobs if req.logprobs else None
         params = sampling_params(req, server.config, backend.vocab_size, max_tokens=max_tokens, logprobs=top, prompt_logprobs=None)
-        jobs = [Job(server.request_id("chatcmpl"), ids, params)]
-        _check_total(req.n, server.config.max_waiting_requests)
-    except BaseException:
-        await stack.aclose()
-        raise
-    rid = jobs[0].request_id
-    request.state.usage = usage = {}
-    if req.stream:
-        stream = _stream_chat(req, prompt, jobs, backend, server.metrics, rid, stack, usage)
-        return StreamingResponse(stream, media_type="text/event-stream")
-    async with stack:
-        try:
-            choices = await until_disconnect(request, _collect(backend, server.metrics, jobs, [prompt], req.n))
-        except ClientGone:
-            return Response(status_code=499)
-        except APIError:
-            raise
-        except Exception as exc:
-            raise engine_error(exc) from exc
-    usage.update(_usage([prompt], choices))
-    return JSONResponse({
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": _model_id(backend),
+        return [PromptInput(ids, "")], [Job(server.request_id("chatcmpl"), ids, params)]
+
+    return await _serve(request, req, prepare, _stream_chat, _chat_body)
+
+
+def _chat_body(req: ChatCompletionRequest, call: _Call, choices: list[Choice]) -> dict:
+    return {
+        "id": call.request_id, "object": "chat.completion", "created": int(time.time()),
+        "model": call.backend.model_id, "usage": call.usage,
         "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                     "logprobs": _chat_logprobs(c.entries, backend) if req.logprobs else None,
+                     "logprobs": _chat_logprobs(c.entries, call.backend) if req.logprobs else None,
                      "finish_reason": c.finish_reason or "length"} for i, c in enumerate(choices)],
-        "usage": usage,
-    })  # fmt: skip
+    }  # fmt: skip
 
 
 def _chat_logprobs(entries: list[LogprobEntry], backend) -> dict:
@@ -235,28 +228,23 @@ def _chat_logprobs(entries: list[LogprobEntry], backend) -> dict:
                         for e in entries]}  # fmt: skip
 
 
-async def _stream_chat(req: ChatCompletionRequest, prompt, jobs, backend, metrics, rid: str, stack, usage: dict) -> AsyncIterator[bytes]:
-    created, model = int(time.time()), _model_id(backend)
-    choices = [Choice(prompt) for _ in range(req.n)]
+async def _stream_chat(req: ChatCompletionRequest, call: _Call) -> AsyncIterator[bytes]:
+    created, model = int(time.time()), call.backend.model_id
+    choices = [Choice(call.prompts[0]) for _ in range(req.n)]
 
     def chunk(index: int, delta: dict, finish_reason, logprobs=None) -> bytes:
-        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+        return sse({"id": call.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})  # fmt: skip
 
-    async with stack:
-        try:
-            for i in range(req.n):
-                yield chunk(i, {"role": "assistant", "content": ""}, None)
-            async for _, out in merged(backend, metrics, jobs):
-                _add(choices[out.index], out)
-                entries = [LogprobEntry(t, lp, top) for t, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs)]
-                logprobs = _chat_logprobs(entries, backend) if req.logprobs else None
-                if out.text or out.finished:
-                    yield chunk(out.index, {"content": out.text} if out.text else {}, _finish_reason(out), logprobs)
-            usage.update(_usage([prompt], choices))
-            if req.stream_options and req.stream_options.include_usage:
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [], "usage": usage})  # fmt: skip
-        except Exception as exc:
-            yield sse_error(exc)
-        yield sse("[DONE]")
+    for i in range(req.n):
+        yield chunk(i, {"role": "assistant", "content": ""}, None)
+    async for _, out in merged(call.backend, call.metrics, call.jobs):
+        _add(choices[out.index], out)
+        entries = [LogprobEntry(t, lp, top) for t, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs)]
+        logprobs = _chat_logprobs(entries, call.backend) if req.logprobs else None
+        if out.text or out.finished:
+            yield chunk(out.index, {"content": out.text} if out.text else {}, _finish_reason(out), logprobs)
+    call.usage.update(_usage(call.prompts, choices))
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse({"id": call.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": call.usage})  # fmt: skip

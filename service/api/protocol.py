@@ -57,6 +57,13 @@ def prompt_inputs(prompt, tokenizer: Tokenizer, vocab_size: int, param: str = "p
     return inputs
 
 
+def check_model(model: str | None, backend) -> None:
+    """A request may name the served model as `name`, `name@version` or not at all."""
+    if model and model not in (backend.name, backend.model_id):
+        raise APIError(404, f"model {model!r} is not served here; this server serves {backend.model_id!r}",
+                       "model", "model_not_found")  # fmt: skip
+
+
 def check_context(prompt_len: int, max_tokens: int, max_model_len: int, param: str = "max_tokens") -> None:
     if prompt_len + max_tokens > max_model_len:
         raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "

@@ -21,9 +21,9 @@ from model_store.windows import rolling_windows
 from service.engine.types import SamplingParams, TokenLogprob
 
 from .errors import APIError, invalid
-from .protocol import MAX_PROMPTS, check_context, encode
+from .protocol import MAX_PROMPTS, check_context, check_model, encode
 from .schemas import ScoreRequest
-from .streams import ClientGone, Job, engine_error, merged, until_disconnect
+from .streams import Job, complete, merged
 
 router = APIRouter()
 ROLLING_WINDOWS_IN_FLIGHT = 8  # windows of one rolling request queued at once, so the queue limit holds
@@ -33,25 +33,17 @@ ROLLING_WINDOWS_IN_FLIGHT = 8  # windows of one rolling request queued at once, 
 async def score(req: ScoreRequest, request: Request) -> Response:
     server = request.app.state.server
     async with server.session() as backend:
-        if req.model and req.model not in (backend.name, f"{backend.name}@{backend.version}"):
-            raise APIError(404, f"model {req.model!r} is not served here", "model", "model_not_found")
+        check_model(req.model, backend)
         texts = _texts(req)
         bos = _bos(req, backend)
-        try:
-            if req.context is not None:
-                body = await until_disconnect(request, _continuations(req, backend, server, bos))
-            elif req.rolling:
-                body = await until_disconnect(request, _rolling(req, texts, backend, server, bos))
-            else:
-                body = await until_disconnect(request, _texts_scores(req, texts, backend, server, bos))
-        except ClientGone:
-            return Response(status_code=499)
-        except APIError:
-            raise
-        except Exception as exc:
-            raise engine_error(exc) from exc
+        if req.context is not None:
+            body = await complete(request, _continuations(req, backend, server, bos))
+        elif req.rolling:
+            body = await complete(request, _rolling(req, texts, backend, server, bos))
+        else:
+            body = await complete(request, _texts_scores(req, texts, backend, server, bos))
     request.state.usage = body["usage"]
-    return JSONResponse({"object": "score", "created": int(time.time()), "model": f"{backend.name}@{backend.version}", **body})
+    return JSONResponse({"object": "score", "created": int(time.time()), "model": backend.model_id, **body})
 
 
 def _texts(req: ScoreRequest) -> list[str]:

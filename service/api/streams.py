@@ -17,13 +17,9 @@ from service.engine.scheduler import QueueFull, TooLarge
 from service.engine.types import SamplingParams
 from service.metrics import Metrics
 
-from .errors import APIError, error_body
+from .errors import APIError, ClientGone, error_body
 
 T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response was ready; its engine requests were aborted."""
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -109,6 +105,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     raise ClientGone()
+
+
+async def complete(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result for a non-streaming response: ClientGone if the client left first (its engine
+    requests aborted; the error handlers answer nobody), engine failures as the client's APIError."""
+    try:
+        return await until_disconnect(request, work)
+    except (APIError, ClientGone):
+        raise
+    except Exception as exc:
+        raise engine_error(exc) from exc
 
 
 def sse(data: dict | str) -> bytes:

@@ -27,7 +27,7 @@ async def ready(request: Request) -> Response:
     server = request.app.state.server
     body = {"status": server.state.value}
     if server.state.value == "ready" and server.backend is not None:
-        body["model"] = f"{server.backend.name}@{server.backend.version}"
+        body["model"] = server.backend.model_id
         return JSONResponse(body)
     return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
@@ -39,7 +39,7 @@ async def metrics(request: Request) -> Response:
 
 def model_card(backend) -> dict:
     return {
-        "id": f"{backend.name}@{backend.version}", "object": "model", "created": backend.created,
+        "id": backend.model_id, "object": "model", "created": backend.created,
         "owned_by": "gpt2-serve", "root": backend.name, "version": backend.version,
         "max_model_len": backend.max_model_len, "dtype": str(backend.loaded.dtype).removeprefix("torch."),
         "device": str(backend.loaded.device),
