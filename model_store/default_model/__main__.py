@@ -1,18 +1,21 @@
-"""`python -m model_store.default_model prepare`: the default model's corpus, tokenizer and baseline.
+"""`python -m model_store.default_model prepare|build`: the default model's corpus, tokenizer and baseline;
+`build` also trains, evaluates and publishes the model (see `build.py`).
 
 Writes under --out (default build/default_model/, git-ignored): corpus/{train,heldout}.jsonl,
 corpus/heldout.txt, corpus/corpus.json, tokenizer/ (HF GPT-2 tokenizer files) and baseline.json. The
 downloaded packages are kept in --out/cache so a rerun fetches nothing. Training the model is a separate
-step (`python -m model_store finetune`).
+step (`build`, or `python -m model_store finetune` by hand).
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import StoreError
 from .corpus import prepare_corpus, read_texts
 from .tokenizer import save_tokenizer, train_tokenizer, unigram_baseline
 
@@ -51,10 +54,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = commands.add_parser("prepare", help="fetch and split the corpus, train the tokenizer, unigram baseline")
     cmd.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     cmd.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+    cmd = commands.add_parser("build", help="prepare, train from scratch (or resume), evaluate, publish")
+    cmd.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"work folder (default {DEFAULT_OUT})")
+    cmd.add_argument("--root", help="store root (default: $MODEL_STORE_ROOT, else the repo's models/)")
+    cmd.add_argument("--name", default="default", help="store name (default: default)")
+    cmd.add_argument("--alias", default="prod", help="alias of the new version (default: prod)")
     args = parser.parse_args(argv)
     try:
-        summary = prepare(args.out, args.vocab_size)
-    except (RuntimeError, OSError) as exc:
+        if args.command == "build":
+            from .build import build
+
+            summary = build(args.out, args.root or os.environ.get("MODEL_STORE_ROOT"), args.name, args.alias)
+        else:
+            summary = prepare(args.out, args.vocab_size)
+    except (StoreError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))

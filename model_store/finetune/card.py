@@ -68,7 +68,7 @@ with `python -m model_store finetune`.
 {held_out}
 
 Documents are separated by the end-of-text token and packed into blocks of {config.block_size} tokens.
-Data license: **{data_license}**. The sha256 of every data file is in the manifest (`lineage.data_sha256`).
+Data license: **{data_license.rstrip(".")}**. The sha256 of every data file is in the manifest (`lineage.data_sha256`).
 
 ## Training
 

@@ -116,6 +116,8 @@ class RunOptions:
     progress: bool = True
     device: str = "cpu"
     overrides: dict[str, Any] = field(default_factory=dict)  # options given on the command line
+    card_appendix: str = ""  # markdown appended to the exported model card
+    extra_metrics: dict[str, Any] = field(default_factory=dict)  # merged into the exported manifest's metrics
 
 
 def _check(c: TrainConfig) -> None:

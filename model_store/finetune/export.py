@@ -67,9 +67,9 @@ def export_run(store: ModelStore, run_dir: Path, options: RunOptions) -> StoredV
         plot_curve(log, staging.path / CURVE_FILE)
         card = model_card(name=name, config=config, arch=arch, metrics=metrics, data_license=options.data_license,
                           prompt=prompt, sample=sample, curve_file=CURVE_FILE)  # fmt: skip
-        (staging.path / CARD_FILE).write_text(card)
+        (staging.path / CARD_FILE).write_text(card + options.card_appendix)
         stored = staging.commit(config=arch, dtype=dtype, tokenizer=tok.info, lineage=lineage,
-                                metrics={**metrics, "data_license": options.data_license})  # fmt: skip
+                                metrics={**metrics, **options.extra_metrics, "data_license": options.data_license})  # fmt: skip
     if options.alias is not None:
         store.promote(stored.ref, options.alias)
     return stored
