@@ -23,12 +23,13 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY ${TORCH_WHEELS}/ /wheels/
-# torch first, pinned to the same version as pyproject.toml, so that resolving the project finds it installed.
+# torch first, pinned to the same version as pyproject.toml, so that resolving the project finds it installed
+# (its own dependencies come from the index).
 COPY pyproject.toml README.md ./
 RUN version="$(sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' pyproject.toml)" \
  && test -n "$version" \
  && if ls /wheels/torch-*.whl > /dev/null 2>&1; then \
-        pip install --no-index --find-links /wheels "torch==$version"; \
+        pip install /wheels/torch-"$version"*.whl; \
     elif [ "$VARIANT" = cuda ]; then \
         pip install "torch==$version"; \
     else \
