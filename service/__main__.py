@@ -13,6 +13,7 @@ import uvicorn
 
 from .app import create_app
 from .config import ConfigError, ServiceConfig
+from .connections import DeadlineH11Protocol
 from .logs import configure
 
 logger = logging.getLogger("service")
@@ -54,7 +55,8 @@ def main() -> int:
     configure(config.log_level)
     app = create_app(config)
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                                    timeout_graceful_shutdown=5, timeout_keep_alive=5, access_log=False)  # fmt: skip
+                                    timeout_graceful_shutdown=5, timeout_keep_alive=5, access_log=False,
+                                    http=DeadlineH11Protocol)  # fmt: skip
     server = DrainingServer(uvicorn_config, app)
     server.run()
     return 0 if server.started or app.state.server.state.value == "stopped" else 1

@@ -3,8 +3,9 @@
 `create_app(config)` builds everything from a `ServiceConfig`; nothing reads the environment here. The edge
 middleware is plain ASGI (so streaming responses pass through untouched) and does, in order: request id
 (honours `X-Request-Id`, returns it), one JSON log line per request, request metrics, API-key check
-(Bearer, constant-time, every route but /health, /ready and /metrics), and the body limits (size: 413;
-a body that takes longer than `BODY_TIMEOUT_S` to arrive: 408).
+(Bearer, constant-time, every route but /health, /ready and /metrics), the header limit (more than
+`MAX_HEADER_BYTES`: 431) and the body limits (size: 413; a body that takes longer than `BODY_TIMEOUT_S` to
+arrive: 408, and the connection is closed).
 """
 
 import asyncio
@@ -31,6 +32,9 @@ from .serving import ModelServer
 logger = logging.getLogger("service")
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 BODY_TIMEOUT_S = 30.0
+# h11 refuses headers over 16 KiB only while they arrive in pieces: what comes in one read (up to 256 KiB)
+# passes. The same limit, however they arrive.
+MAX_HEADER_BYTES = 16 * 1024
 TIMED_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/score"})
 
 
@@ -81,7 +85,7 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            refusal = self._refuse(path, headers)
+            refusal = self._refuse(path, headers, sum(len(k) + len(v) for k, v in scope["headers"]))
             if refusal is not None:
                 await _send_error(send_with_id, *refusal)
             else:
@@ -89,7 +93,9 @@ class EdgeMiddleware:
         finally:
             self._done(scope, path, status["code"] or 500, request_id, time.monotonic() - start)
 
-    def _refuse(self, path: str, headers: dict[str, str]) -> tuple[int, str] | None:
+    def _refuse(self, path: str, headers: dict[str, str], header_bytes: int) -> tuple[int, str] | None:
+        if header_bytes > MAX_HEADER_BYTES:
+            return 431, f"the headers are {header_bytes} bytes; the limit is {MAX_HEADER_BYTES}"
         if self.keys and path not in OPEN_PATHS and not self._authorized(headers.get("authorization", "")):
             return 401, "missing or invalid API key (send Authorization: Bearer <key>)"
         length = headers.get("content-length")
@@ -122,8 +128,8 @@ class EdgeMiddleware:
                 return await receive()  # body complete: waiting now means waiting for a disconnect
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
-            except asyncio.TimeoutError:
-                raise HTTPException(408, too_slow) from None
+            except asyncio.TimeoutError:  # and close: the rest of the body would keep the connection busy
+                raise HTTPException(408, too_slow, headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
@@ -143,7 +149,7 @@ class EdgeMiddleware:
             self.metrics.rejections.labels("auth").inc()
         elif status == 413:
             self.metrics.rejections.labels("body_too_large").inc()
-        elif status in (400, 408, 422):
+        elif status in (400, 408, 422, 431):
             self.metrics.rejections.labels("validation").inc()
         if endpoint in TIMED_ENDPOINTS and status == 200 and self.server.backend is not None:
             self.metrics.e2e.labels(*self.server.backend.labels).observe(duration)

@@ -13,7 +13,7 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           500: "server_error", 503: "service_unavailable"}  # fmt: skip
 _CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
-          413: "request_too_large", 429: "rate_limit_exceeded", 500: "internal_error",
+          413: "request_too_large", 431: "request_too_large", 429: "rate_limit_exceeded", 500: "internal_error",
           503: "service_unavailable"}  # fmt: skip
 
 

@@ -35,6 +35,7 @@ async def score(req: ScoreRequest, request: Request) -> Response:
     async with server.session() as backend:
         check_model(req.model, backend)
         texts = _texts(req)
+        _check_queue(req, texts, server.config.max_waiting_requests)
         bos = _bos(req, backend)
         if req.context is not None:
             body = await complete(request, _continuations(req, backend, server, bos))
@@ -63,6 +64,20 @@ def _texts(req: ScoreRequest) -> list[str]:
     if len(texts) > MAX_PROMPTS:
         raise invalid(f"{len(texts)} texts; the limit is {MAX_PROMPTS}", "text")
     return texts
+
+
+def _check_queue(req: ScoreRequest, texts: list[str], limit: int) -> None:
+    """Texts or continuations are queued all at once: more than MAX_WAITING_REQUESTS can never be
+    admitted, so refuse them here (400) rather than answer a 429 that no retry cures. Rolling windows are
+    queued a few at a time."""
+    if req.context is not None:
+        count, param = len(req.continuations or []), "continuations"
+    elif not req.rolling:
+        count, param = len(texts), "text"
+    else:
+        return
+    if count > limit:
+        raise invalid(f"{count} {param} in one request; this server queues at most {limit} at once", param)
 
 
 def _bos(req: ScoreRequest, backend) -> list[int]:
@@ -156,9 +171,17 @@ async def _rolling(req: ScoreRequest, texts: list[str], backend, server, bos: li
     stride = req.stride or max(max_len // 2, 1)
     if stride > max_len:
         raise invalid(f"stride {stride} exceeds the context length {max_len}", "stride")
+    all_ids = [_token_ids(t, bos, backend, f"text[{i}]" if len(texts) > 1 else "text", None) for i, t in enumerate(texts)]
+    # Windows start every `stride` tokens: a small stride multiplies the work by up to max_len. Cap it at
+    # what the largest plain request may compute, MAX_PROMPTS full contexts.
+    limit = MAX_PROMPTS * max_len
+    work = sum((1 + -(-max(len(ids) - max_len, 0) // stride)) * min(len(ids), max_len) for ids in all_ids)
+    if work > limit:
+        raise invalid(f"rolling with stride {stride} computes about {work} tokens here; the limit is {limit} "
+                      f"({MAX_PROMPTS} full contexts): use a larger stride (default {max(max_len // 2, 1)}) or "
+                      "less text", "stride")  # fmt: skip
     out, prompt_tokens = [], 0
-    for i, text in enumerate(texts):
-        ids = _token_ids(text, bos, backend, f"text[{i}]" if len(texts) > 1 else "text", None)
+    for i, (text, ids) in enumerate(zip(texts, all_ids)):
         windows = rolling_windows(len(ids), max_len, stride)
         scored: list[TokenLogprob] = []
         for start in range(0, len(windows), ROLLING_WINDOWS_IN_FLIGHT):
