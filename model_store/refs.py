@@ -59,7 +59,9 @@ def parse_ref(text: str) -> ModelRef:
         return ModelRef(name)
     if not selector:
         raise InvalidReferenceError(f"reference {text!r} has nothing after '@'; expected a version or alias")
-    if selector.isdigit():
+    if selector.isdigit():  # also true of non-ASCII digits (²: int() fails; ١: would mean 1)
+        if not selector.isascii() or len(selector) > 18:
+            raise InvalidReferenceError(f"reference {text[:120]!r}: a version is a number of at most 18 digits")
         version = int(selector)
         if version < 1:
             raise InvalidReferenceError(f"reference {text!r}: versions start at 1")
