@@ -1,5 +1,6 @@
 """`python -m service`: read the configuration from the environment, then serve until SIGTERM/SIGINT.
 
+If the engine thread dies (a step raised), the process stops and exits 1, so a supervisor restarts it.
 The first SIGTERM (or SIGINT) drains: /ready turns 503, new requests get 503, requests in flight finish
 (streams with their final frame) for up to DRAIN_TIMEOUT seconds, the rest are ended with an error event;
 then the server stops and the process exits 0. A second signal stops at once.
@@ -37,6 +38,11 @@ class DrainingServer(uvicorn.Server):
         self._draining = True
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
 
+    def engine_failed(self) -> None:
+        """The engine thread died (its requests already got an error): stop serving now."""
+        logger.error("stopping: the engine failed")
+        self.should_exit = True
+
     async def _drain(self) -> None:
         config = self.app.state.config
         logger.info("draining", extra={"fields": {"timeout_s": config.drain_timeout}})
@@ -58,7 +64,10 @@ def main() -> int:
                                     timeout_graceful_shutdown=5, timeout_keep_alive=5, access_log=False,
                                     http=DeadlineH11Protocol)  # fmt: skip
     server = DrainingServer(uvicorn_config, app)
+    app.state.server.on_failure = server.engine_failed
     server.run()
+    if app.state.server.failure is not None:  # the engine died: exit non-zero so a supervisor restarts us
+        return 1
     return 0 if server.started or app.state.server.state.value == "stopped" else 1
 
 

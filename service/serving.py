@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -35,6 +35,7 @@ class State(str, Enum):
     READY = "ready"
     DRAINING = "draining"
     STOPPED = "stopped"
+    FAILED = "failed"  # the engine thread died: not ready, and `python -m service` exits so it is restarted
 
 
 @dataclass(eq=False)
@@ -74,6 +75,8 @@ class ModelServer:
         self._retired: set[Backend] = set()
         self._reload_lock = asyncio.Lock()
         self._request_counter = 0
+        self.failure: BaseException | None = None  # why the served engine died, if it did
+        self.on_failure: Callable[[], None] | None = None  # called (on the event loop) when it does
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -113,7 +116,13 @@ class ModelServer:
         engine_config = self.config.engine_config(loaded.model.cfg.n_positions)
         labels = (manifest.name, str(manifest.version))
         engine = Engine(loaded, engine_config)
-        async_engine = AsyncEngine(engine, on_step=lambda stats: self.metrics.step(labels, stats))
+        loop = asyncio.get_running_loop()
+
+        def died(exc: BaseException) -> None:  # on the engine thread
+            with contextlib.suppress(RuntimeError):  # the loop is already closed: nothing left to tell
+                loop.call_soon_threadsafe(self._engine_died, async_engine, exc)
+
+        async_engine = AsyncEngine(engine, on_step=lambda stats: self.metrics.step(labels, stats), on_death=died)
         async_engine.start()
         backend = Backend(loaded, async_engine, manifest.name, manifest.version,
                           engine_config.scheduler.max_model_len, TokenStrings(loaded.tokenizer))  # fmt: skip
@@ -123,6 +132,18 @@ class ModelServer:
             pass
         self.metrics.serving(labels, str(loaded.dtype).removeprefix("torch."), str(loaded.device))
         return backend
+
+    def _engine_died(self, engine: AsyncEngine, exc: BaseException) -> None:
+        """The served engine's thread stopped after a failed step: its requests already got an error. Turn
+        not ready (new requests: 503) and tell the process, which exits non-zero so a supervisor restarts
+        it, rather than staying up, ready, and failing every request. A retired engine only fails its own
+        requests."""
+        if self.backend is None or self.backend.engine is not engine or self.state is not State.READY:
+            return
+        self.state, self.failure = State.FAILED, exc
+        logger.error("engine failed: not ready from now on", extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}})
+        if self.on_failure is not None:
+            self.on_failure()
 
     async def _retire(self, backend: Backend) -> None:
         await backend.idle.wait()
@@ -140,7 +161,9 @@ class ModelServer:
         if self.state is not State.READY or self.backend is None:
             reason = "draining" if self.state in (State.DRAINING, State.STOPPED) else "not_ready"
             self.metrics.rejections.labels(reason).inc()
-            message = "the server is shutting down" if reason == "draining" else "the model is still loading"
+            message = ("the server is shutting down" if reason == "draining" else
+                       "the engine failed; retry on another replica" if self.state is State.FAILED else
+                       "the model is still loading")  # fmt: skip
             raise APIError(503, message, code="service_unavailable", headers={"Retry-After": "1"})
         backend = self.backend
         backend.in_flight += 1

@@ -42,9 +42,11 @@ _STOP = object()
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None) -> None:
-        """`on_step` is called on the engine thread after every step (metrics); it must not block."""
-        self.engine, self._on_step = engine, on_step
+    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None,
+                 on_death: Callable[[BaseException], None] | None = None) -> None:  # fmt: skip
+        """`on_step` is called on the engine thread after every step (metrics); it must not block.
+        `on_death` is called on the engine thread, once, if a step fails and the thread stops."""
+        self.engine, self._on_step, self._on_death = engine, on_step, on_death
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._outs: dict[str, asyncio.Queue] = {}  # engine thread only
         self._unfinished: dict[str, int] = {}  # engine thread only: samples still running per request
@@ -116,6 +118,8 @@ class AsyncEngine:
             for request_id in list(self._outs):
                 self._send(request_id, dead, last=True)
             logger.exception("engine thread stopped after a failed step")
+            if self._on_death is not None:
+                self._on_death(exc)
         finally:
             for request_id in list(self._outs):
                 self._send(request_id, EngineDead("the engine stopped"), last=True)
