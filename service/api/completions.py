@@ -6,6 +6,7 @@ forwarded as SSE chunks (streaming, ending in `data: [DONE]`, errors as an error
 lm-evaluation-harness's `local-completions` relies on.
 """
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from service.engine.engine import EngineOutput
 from service.engine.types import TokenLogprob
 
 from .chat import chat_prompt
-from .errors import invalid
+from .errors import APIError, invalid
 from .protocol import (
     LogprobEntry,
     PromptInput,
@@ -30,7 +31,7 @@ from .protocol import (
     sampling_params,
 )
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .streams import Job, complete, merged, sse, sse_error
+from .streams import Job, complete, engine_error, merged, read_until_admitted, sse, sse_error
 
 router = APIRouter()
 
@@ -69,6 +70,7 @@ class _Call:
     prompts: list[PromptInput]
     jobs: list[Job]
     usage: dict = field(default_factory=dict)  # logged with the request once the response is complete
+    admitted: asyncio.Event = field(default_factory=asyncio.Event)  # set once the engine queued every job
 
 
 async def _serve(request: Request, req, prepare, stream, body) -> Response:
@@ -88,11 +90,40 @@ async def _serve(request: Request, req, prepare, stream, body) -> Response:
     call = _Call(backend, server.metrics, jobs[0].request_id, prompts, jobs)
     request.state.usage = call.usage
     if req.stream:
-        return StreamingResponse(_sse_stream(stack, stream(req, call)), media_type="text/event-stream")
+        chunks = stream(req, call)
+        try:  # refused at admission (queue full, too large): a plain HTTP error, not a 200 with an error event
+            read, pending = await read_until_admitted(chunks, call.admitted)
+        except BaseException as exc:
+            await chunks.aclose()
+            await stack.aclose()
+            if isinstance(exc, APIError) or not isinstance(exc, Exception):
+                raise
+            raise engine_error(exc) from exc
+        return StreamingResponse(_sse_stream(stack, _resumed(read, pending, chunks)), media_type="text/event-stream")
     async with stack:
         choices = await complete(request, _collect(call, req.n))
     call.usage.update(_usage(prompts, choices))
     return JSONResponse(body(req, call, choices))
+
+
+async def _resumed(read: list[bytes], pending: asyncio.Future | None, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream from where `read_until_admitted` left it."""
+    try:
+        for chunk in read:
+            yield chunk
+        if pending is not None:
+            try:
+                yield await pending
+            except StopAsyncIteration:
+                return
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        if pending is not None and not pending.done():  # the client left while the next chunk was on its way
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await chunks.aclose()
 
 
 async def _sse_stream(stack: contextlib.AsyncExitStack, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -179,7 +210,7 @@ async def _stream_completion(req: CompletionRequest, call: _Call) -> AsyncIterat
                     "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]})  # fmt: skip
 
     started: set[int] = set()
-    async for i, out in merged(backend, call.metrics, call.jobs):
+    async for i, out in merged(backend, call.metrics, call.jobs, on_admitted=call.admitted.set):
         index = i * n + out.index
         choice = choices[index]
         prefix, entries = "", []
@@ -238,7 +269,7 @@ async def _stream_chat(req: ChatCompletionRequest, call: _Call) -> AsyncIterator
 
     for i in range(req.n):
         yield chunk(i, {"role": "assistant", "content": ""}, None)
-    async for _, out in merged(call.backend, call.metrics, call.jobs):
+    async for _, out in merged(call.backend, call.metrics, call.jobs, on_admitted=call.admitted.set):
         _add(choices[out.index], out)
         entries = [LogprobEntry(t, lp, top) for t, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs)]
         logprobs = _chat_logprobs(entries, call.backend) if req.logprobs else None

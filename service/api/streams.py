@@ -5,7 +5,7 @@ stream, abort on client disconnect, and Server-Sent Events framing.
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -45,17 +45,26 @@ class Job:
     shares_prefix_with: str | None = None
 
 
-async def merged(backend, metrics: Metrics, jobs: list[Job]) -> AsyncIterator[tuple[int, EngineOutput]]:
+async def merged(backend, metrics: Metrics, jobs: list[Job],
+                 on_admitted: Callable[[], None] | None = None) -> AsyncIterator[tuple[int, EngineOutput]]:  # fmt: skip
     """Outputs of several engine requests as they come: (position in `jobs`, output). Leaving early, or
     any request failing, aborts all of them; the first failure is raised. Finished sequences are counted
-    in the metrics here, once for every endpoint."""
+    in the metrics here, once for every endpoint. `on_admitted` is called once the engine has queued
+    every one of them."""
     queue: asyncio.Queue = asyncio.Queue()
     engine: AsyncEngine = backend.engine
+    left = len(jobs)
+
+    def admitted() -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and on_admitted is not None:
+            on_admitted()
 
     async def pump(i: int, job: Job) -> None:
         try:
             async for out in engine.generate(job.request_id, job.token_ids, job.params, job.score_from,
-                                             job.shares_prefix_with):  # fmt: skip
+                                             job.shares_prefix_with, on_admit=admitted):  # fmt: skip
                 if out.stats is not None:
                     metrics.sequence_finished(backend.labels, out.stats, out.finish_reason,
                                               len(out.prompt_logprobs or ()))  # fmt: skip
@@ -84,6 +93,28 @@ async def merged(backend, metrics: Metrics, jobs: list[Job]) -> AsyncIterator[tu
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # their `finally` aborts the engine requests
+
+
+async def read_until_admitted(chunks: AsyncIterator[bytes], admitted: asyncio.Event) -> tuple[list[bytes], asyncio.Future | None]:
+    """Read a stream's first chunks until its engine requests are admitted, so that a refusal at admission
+    (queue full: 429 with Retry-After; too large: 400) raises here, before the response has started, and
+    reaches the client as its HTTP status rather than as an error event in a 200 stream. Returns the chunks
+    read and the next chunk's pending read (None when the stream ended or nothing is pending)."""
+    read: list[bytes] = []
+    while not admitted.is_set():
+        nxt = asyncio.ensure_future(anext(chunks))
+        waiter = asyncio.ensure_future(admitted.wait())
+        try:
+            await asyncio.wait({nxt, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not nxt.done():
+            return read, nxt
+        try:
+            read.append(nxt.result())  # raises the admission failure
+        except StopAsyncIteration:
+            return read, None
+    return read, None
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

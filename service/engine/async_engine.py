@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .engine import Engine, EngineOutput
+from .scheduler import QueueFull
 from .types import SamplingParams, StepStats
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class _Abort:
 
 
 _STOP = object()
+_ADMITTED = object()  # sent to a request's queue once the engine has queued it
 
 
 class AsyncEngine:
@@ -48,6 +50,8 @@ class AsyncEngine:
         `on_death` is called on the engine thread, once, if a step fails and the thread stops."""
         self.engine, self._on_step, self._on_death = engine, on_step, on_death
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._submitted = 0  # sequences sent to the engine thread (event loop side)
+        self._applied = 0  # sequences whose add the engine thread has processed (engine thread side)
         self._outs: dict[str, asyncio.Queue] = {}  # engine thread only
         self._unfinished: dict[str, int] = {}  # engine thread only: samples still running per request
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -71,22 +75,31 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, score_from: int | None = None,
-        shares_prefix_with: str | None = None,
+        shares_prefix_with: str | None = None, on_admit: Callable[[], None] | None = None,
     ) -> AsyncIterator[EngineOutput]:  # fmt: skip
         """Stream a request's outputs (all `n` samples interleaved, told apart by `index`) until every
         sample has finished. Leaving the iteration early (client gone) aborts the request. `score_from` and
-        `shares_prefix_with` are `Engine.add`'s.
+        `shares_prefix_with` are `Engine.add`'s. `on_admit` is called once the engine has queued the
+        request (before any output), so a caller can tell admission from the first token.
 
-        Raises QueueFull / TooLarge from the scheduler at admission, or EngineDead.
+        Raises QueueFull / TooLarge from the scheduler at admission, or EngineDead. A waiting queue that
+        is already full is refused here at once, not after the engine's current step (which can take
+        seconds): overload is answered in milliseconds.
         """
         if not self.alive:
             raise EngineDead("the engine is not running") from self.error
+        self._refuse_if_full(params.num_samples)
         out: asyncio.Queue = asyncio.Queue()
+        self._submitted += params.num_samples
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, out, score_from, shares_prefix_with))
         remaining = params.num_samples
         try:
             while remaining:
                 item = await out.get()
+                if item is _ADMITTED:
+                    if on_admit is not None:
+                        on_admit()
+                    continue
                 if isinstance(item, BaseException):
                     remaining = 0
                     raise item
@@ -98,6 +111,18 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
+
+    def _refuse_if_full(self, num_seqs: int) -> None:
+        """The scheduler's waiting-queue limit, checked from the event loop: the queue as the engine thread
+        last left it plus the sequences sent since. Reading the queues' lengths from this thread is safe;
+        the figure can be one step stale, so the engine thread still checks exactly at admission (and the
+        prompt-token limit, which only it can count)."""
+        scheduler = self.engine.scheduler
+        limit = scheduler.waiting_limit(len(scheduler.running))
+        waiting = len(scheduler.waiting) + max(self._submitted - self._applied, 0)
+        if waiting + num_seqs > limit:
+            raise QueueFull(f"{waiting} sequences are queued (limit {scheduler.config.max_waiting} waiting beyond "
+                            f"{limit - scheduler.config.max_waiting} free running slots)")  # fmt: skip
 
     # -- engine thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -133,6 +158,7 @@ class AsyncEngine:
             self._unfinished.pop(command.request_id, None)
             self._report(self.engine.state())  # memory freed now, even if no step follows
         else:
+            self._applied += command.params.num_samples  # before the add: the estimate may lag, never double count
             try:
                 self.engine.add(command.request_id, command.prompt_token_ids, command.params, command.score_from,
                                 command.shares_prefix_with)  # fmt: skip
@@ -141,6 +167,7 @@ class AsyncEngine:
             else:
                 self._outs[command.request_id] = command.out
                 self._unfinished[command.request_id] = command.params.num_samples
+                self._loop.call_soon_threadsafe(command.out.put_nowait, _ADMITTED)
         return True
 
     def _report(self, stats: StepStats | None) -> None:

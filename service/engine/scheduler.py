@@ -60,9 +60,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, *seqs: Sequence) -> None:
-        """Queue the samples of one request: all of them or, on QueueFull / TooLarge, none."""
-        if len(self.waiting) + len(seqs) > self.config.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} sequences are waiting (limit {self.config.max_waiting})")
+        """Queue the samples of one request: all of them or, on QueueFull / TooLarge, none.
+
+        The queue limit counts sequences that will actually wait: those the free running slots take at the
+        next step do not (requests that arrive together between two steps, such as a closed loop of exactly
+        max_num_seqs clients, are all admitted)."""
+        limit = self.waiting_limit(len(self.running))
+        if len(self.waiting) + len(seqs) > limit:
+            raise QueueFull(f"{len(self.waiting)} sequences are queued (limit {self.config.max_waiting} waiting "
+                            f"beyond {limit - self.config.max_waiting} free running slots)")  # fmt: skip
         waiting_tokens = sum(s.num_tokens for s in self.waiting)
         if waiting_tokens and waiting_tokens + sum(s.num_tokens for s in seqs) > self.config.max_waiting_tokens:
             raise QueueFull(f"{waiting_tokens} tokens are waiting (limit {self.config.max_waiting_tokens})")
@@ -71,6 +77,10 @@ class Scheduler:
             if self.kv.blocks_needed(longest) > self.kv.num_blocks:  # could never run, even alone
                 raise TooLarge(f"{longest} tokens exceed the KV memory ({self.kv.num_blocks * self.kv.block_size} tokens)")
         self.waiting.extend(seqs)
+
+    def waiting_limit(self, num_running: int) -> int:
+        """Sequences the waiting queue may hold now: max_waiting, plus the running slots still free."""
+        return self.config.max_waiting + max(0, self.config.max_num_seqs - num_running)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()

@@ -84,11 +84,11 @@ def test_abort_ends_every_sample_and_frees_kv(tiny):
 
 def test_queue_full_admits_no_sample(tiny):
     loaded, _ = tiny
-    engine = make_engine(loaded, max_waiting=3)
+    engine = make_engine(loaded, max_waiting=3, max_num_seqs=1)  # 3 waiting beyond the 1 free slot
     with pytest.raises(QueueFull):
-        engine.add("r", [1, 2, 3], SamplingParams(max_tokens=4, n=4))
+        engine.add("r", [1, 2, 3], SamplingParams(max_tokens=4, n=5))
     assert not engine.has_work and not engine.requests
-    engine.add("r", [1, 2, 3], SamplingParams(max_tokens=4, n=3))  # the same id is free again
+    engine.add("r", [1, 2, 3], SamplingParams(max_tokens=4, n=4))  # the same id is free again
     assert engine.has_work
 
 

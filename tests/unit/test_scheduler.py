@@ -196,11 +196,15 @@ def test_score_only_finishes_after_prefill():
 
 
 def test_waiting_queue_limit():
-    eng = FakeEngine(max_waiting=2)
-    eng.add("a", [1])
-    eng.add("b", [1])
+    eng = FakeEngine(max_waiting=2, max_num_seqs=2)
+    for rid in "abcd":  # arriving together: two take the free running slots at the next step, two wait
+        eng.add(rid, [1])
     with pytest.raises(QueueFull):
-        eng.add("c", [1])
+        eng.add("e", [1])
+    eng.step()
+    assert len(eng.sched.running) == 2 and len(eng.sched.waiting) == 2
+    with pytest.raises(QueueFull):  # no slot free now: the limit is max_waiting alone
+        eng.add("e", [1])
 
 
 def test_waiting_token_limit_but_one_long_prompt_always_fits_an_empty_queue():
