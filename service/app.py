@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 
 from model_store import ModelStore
@@ -60,7 +61,39 @@ def create_app(config: ServiceConfig, *, start_engine: bool = True) -> FastAPI:
     for module in (completions, score, system):
         app.include_router(module.router)
     app.add_middleware(EdgeMiddleware, config=config, server=server)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"], "additionalProperties": False,
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "code": {"type": "string"}},
+    }},
+}  # fmt: skip
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI documents a 422 `{"detail": [...]}` for every body; this service never sends it: invalid
+    requests get a 400, and every error (4xx, 5xx) the OpenAI shape. Document that, so generated clients
+    and schema checks (reliability/fuzz.py) see what is sent."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        schemas["Error"] = ERROR_SCHEMA
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for item in schema["paths"].values():
+            for operation in item.values():
+                responses = operation["responses"]
+                responses.pop("422", None)
+                responses["4XX"] = {"description": "Invalid request, unknown model or route, missing key, too large, overloaded", **error}
+                responses["5XX"] = {"description": "Loading, draining, or a server error", **error}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class EdgeMiddleware:
