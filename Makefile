@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: test install serve clean-venv
+.PHONY: test install serve default-model clean-venv
 
 test: $(INSTALLED) $(VENV)/bin/promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -14,6 +14,12 @@ serve: $(INSTALLED)
 	$(PY) -m service
 
 install: $(INSTALLED)
+
+# Rebuilds the bundled default model from nothing (corpus from Debian's archive, tokenizer, training from
+# scratch, evaluation) and publishes it as default@N, alias prod, into MODEL_STORE_ROOT (default models/).
+# About an hour on 2 CPU cores; rerunning resumes an interrupted run. Needs apt-get (amd64).
+default-model: $(INSTALLED)
+	$(PY) -m model_store.default_model build
 
 # promtool checks the /metrics output in the tests; from Debian's prometheus package when apt is there.
 $(VENV)/bin/promtool: | $(PY)
