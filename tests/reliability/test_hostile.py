@@ -10,6 +10,7 @@ one pins the status of each case and covers every endpoint, the body limits and 
 import contextlib
 import inspect
 import json
+import select
 import socket
 import threading
 import time
@@ -293,7 +294,7 @@ def test_hostile_query_strings_and_paths(client):
 
 # -- the HTTP layer, over a raw socket ------------------------------------------------------------------------
 def exchange(url: str, parts: list[bytes], delay: float = 0.0, read_timeout: float = TIMEOUT) -> tuple[int | None, bytes, bool, float]:
-    """Send `parts` (sleeping `delay` between them), then read one response: until its Content-Length is
+    """Send `parts` (sleeping `delay` between them, stopping early if the server answers), then read one response: until its Content-Length is
     complete, the server closes, or `read_timeout`. Returns (status or None, the response's bytes, whether
     the server closed the connection, seconds)."""
     host, port = url.removeprefix("http://").split(":")
@@ -302,6 +303,8 @@ def exchange(url: str, parts: list[bytes], delay: float = 0.0, read_timeout: flo
     with socket.create_connection((host, int(port)), timeout=read_timeout) as sock:
         try:
             for part in parts:
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the server answered (or closed): sending more would only earn a reset
                 sock.sendall(part)
                 time.sleep(delay)
         except OSError:
