@@ -115,7 +115,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("API_KEYS", "", "comma-separated Bearer keys; empty: no authentication", _keys),
     Variable("MAX_BODY_BYTES", "2MiB", "request body limit; beyond it: 413", _positive_bytes),
     Variable("DRAIN_TIMEOUT", "30", "seconds in-flight requests may take to finish after SIGTERM", _float(0)),
-    Variable("LOG_LEVEL", "info", "debug (logs prompts), info, warning, error",
+    Variable("LOG_LEVEL", "info", "debug, info, warning, error (prompt text is never logged)",
              _choice("debug", "info", "warning", "error")),
     Variable("NUM_THREADS", "", "CPU threads for torch (default: the cores available)", _optional(_int(1, 1024))),
     Variable("SEED", "", "seed of the generator shared by unseeded requests (default: random)", _optional(_int(0))),
