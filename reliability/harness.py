@@ -13,6 +13,7 @@ Nothing here is imported by the service. Outcomes of a request, as the suites co
 """
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -284,6 +285,7 @@ class Result:
     latency: float
     start: float
     detail: str = ""
+    retry_after: float | None = None  # a 429's Retry-After, in seconds
 
 
 def _words(rng: random.Random, lo: int, hi: int) -> str:
@@ -370,12 +372,15 @@ def mixed_request(rng: random.Random, info: dict, *, abort_fraction: float = 0.1
     return Spec(kind, "/v1/score", {"text": _words(rng, words, words), "rolling": True, "stride": max_len // 2}, expect=1)
 
 
-def fixed_request(rng: random.Random, info: dict, prompt_len: int, new_tokens: int) -> Spec:
+def fixed_request(rng: random.Random, info: dict, prompt_len: int, new_tokens: int, spread: float = 0.0) -> Spec:
     """The overload suite's request: non-streaming, `prompt_len` random token ids (no prefix shared), exactly
-    `new_tokens` generated, greedy."""
+    `new_tokens` generated (or uniformly within +-`spread` of it), greedy. A spread keeps closed-loop clients
+    from running in lockstep (all admitted, prefilled and finished in the same steps), which flatters a
+    baseline measured at exactly the admitted concurrency."""
     vocab, eos = info["vocab_size"], info["eos_token_id"]
     prompt = [_token(rng, vocab, eos) for _ in range(prompt_len)]
-    body = {"prompt": prompt, "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0.0}
+    lo, hi = max(1, round(new_tokens * (1 - spread))), max(1, round(new_tokens * (1 + spread)))
+    body = {"prompt": prompt, "max_tokens": rng.randint(lo, hi), "ignore_eos": True, "temperature": 0.0}
     return Spec("completion", "/v1/completions", body)
 
 
@@ -425,8 +430,12 @@ def _check_stream(spec: Spec, events: list[str]) -> tuple[str, str]:
 async def execute(client: httpx.AsyncClient, spec: Spec, t0: float, timeout: float = 120.0) -> Result:
     start = time.monotonic()
 
-    def result(outcome: str, status: int | None, detail: str = "") -> Result:
-        return Result(spec.kind, outcome, status, time.monotonic() - start, start - t0, detail)
+    def result(outcome: str, status: int | None, detail: str = "", headers=None) -> Result:
+        retry_after = None
+        if headers is not None and "retry-after" in headers:
+            with contextlib.suppress(ValueError):
+                retry_after = float(headers["retry-after"])
+        return Result(spec.kind, outcome, status, time.monotonic() - start, start - t0, detail, retry_after)
 
     try:
         async with asyncio.timeout(timeout):
@@ -434,7 +443,7 @@ async def execute(client: httpx.AsyncClient, spec: Spec, t0: float, timeout: flo
                 r = await client.post(spec.path, json=spec.body)
                 if r.status_code == 429:
                     return result("429" if "retry-after" in r.headers else "error", 429,
-                                  "" if "retry-after" in r.headers else "429 without Retry-After")  # fmt: skip
+                                  "" if "retry-after" in r.headers else "429 without Retry-After", r.headers)  # fmt: skip
                 if r.status_code != 200:
                     return result(_error_outcome(r.status_code), r.status_code, r.text[:300])
                 problem = _check_body(spec, r.json())
@@ -444,7 +453,7 @@ async def execute(client: httpx.AsyncClient, spec: Spec, t0: float, timeout: flo
                     text = (await r.aread()).decode(errors="replace")
                     if r.status_code == 429:
                         ok = "retry-after" in r.headers
-                        return result("429" if ok else "error", 429, "" if ok else "429 without Retry-After")
+                        return result("429" if ok else "error", 429, "" if ok else "429 without Retry-After", r.headers)
                     return result(_error_outcome(r.status_code), r.status_code, text[:300])
                 events: list[str] = []
                 async for line in r.aiter_lines():
@@ -468,13 +477,14 @@ class LoadReport:
 
 
 async def drive(url: str, clients: int, duration: float, make: Callable[[random.Random], Spec], *,
-                max_requests: int = 1_000_000, seed: int = 0, retry_pause: tuple[float, float] = (0.1, 0.5),
-                request_timeout: float = 120.0, server: ServerProcess | None = None,
+                max_requests: int = 1_000_000, seed: int = 0, retry_pause: tuple[float, float] | None = None,
+                request_timeout: float = 120.0, server: ServerProcess | None = None, stagger: float = 0.0,
                 rss_every: float = 1.0, report: LoadReport | None = None) -> LoadReport:  # fmt: skip
     """`clients` closed-loop clients send `make(rng)` requests until `duration` seconds have passed or
-    `max_requests` were sent; a client that got 429 pauses for a random time in `retry_pause` first.
-    Requests in flight at the deadline run to their end (bounded by `request_timeout`). Samples the
-    server's RSS every `rss_every` seconds meanwhile."""
+    `max_requests` were sent; a client that got 429 waits before its next request, as told by Retry-After
+    (times a random factor in [0.5, 1.5], so retries spread), or for a random time in `retry_pause`.
+    Requests in flight at the deadline run to their end (bounded by `request_timeout`). Each client starts
+    after a random delay of up to `stagger` seconds. Samples the server's RSS every `rss_every` seconds."""
     report = report or LoadReport()
     t0 = time.monotonic()
     deadline = t0 + duration
@@ -485,12 +495,15 @@ async def drive(url: str, clients: int, duration: float, make: Callable[[random.
         async def worker(i: int) -> None:
             nonlocal sent
             rng = random.Random(seed * 100_003 + i)
+            if stagger:
+                await asyncio.sleep(rng.uniform(0, stagger))
             while time.monotonic() < deadline and sent < max_requests:
                 sent += 1
                 res = await execute(client, make(rng), t0, request_timeout)
                 report.results.append(res)
                 if res.outcome == "429":
-                    await asyncio.sleep(rng.uniform(*retry_pause))
+                    pause = rng.uniform(*retry_pause) if retry_pause else (res.retry_after or 1.0) * rng.uniform(0.5, 1.5)
+                    await asyncio.sleep(pause)
 
         async def sample_rss() -> None:
             while server is not None:
@@ -538,15 +551,18 @@ def summarize(results: list[Result], duration: float) -> dict:
 
 
 def rss_growth(samples: list[tuple[float, int]], duration: float) -> dict:
-    """RSS at the end of warm-up (the first 10 % of the run, at least 60 s, at most half of it) and at the
-    end of the load; growth between them, in percent."""
+    """RSS just after warm-up (the first 10 % of the run, at least 60 s, at most half of it) and at the end
+    of the load, each the median of a window of samples (10 % of the run, at least 5 s): single samples
+    swing by several percent with the allocator's high-water marks. Growth between them, in percent."""
     if not samples:
         return {"rss_start_mib": math.nan, "rss_end_mib": math.nan, "rss_growth_pct": math.nan}
     warmup = min(max(0.1 * duration, 60.0), 0.5 * duration)
-    after = [kib for t, kib in samples if t >= warmup] or [samples[-1][1]]
-    start, end = after[0], samples[-1][1]
-    return {"warmup_s": round(warmup, 1), "rss_first_mib": samples[0][1] / 1024, "rss_start_mib": start / 1024,
-            "rss_end_mib": end / 1024, "rss_peak_mib": max(k for _, k in samples) / 1024,
+    window = max(0.1 * duration, 5.0)
+    start_w = [kib for t, kib in samples if warmup <= t <= warmup + window] or [samples[-1][1]]
+    end_w = [kib for t, kib in samples if t >= samples[-1][0] - window]
+    start, end = pct(start_w, 50), pct(end_w, 50)
+    return {"warmup_s": round(warmup, 1), "window_s": round(window, 1), "rss_first_mib": samples[0][1] / 1024,
+            "rss_start_mib": start / 1024, "rss_end_mib": end / 1024, "rss_peak_mib": max(k for _, k in samples) / 1024,
             "rss_growth_pct": 100.0 * (end - start) / start}  # fmt: skip
 
 

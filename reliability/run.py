@@ -18,10 +18,12 @@ summary table and PASS/FAIL per check, and the process exits 1 if any check fail
   streaming or not; scoring of texts, context + continuations and rolling), 10% of the streams hanging up
   mid-stream. Pass: no 5xx and no other error (every request completes, gets 429 with Retry-After, or was
   aborted by its own client); afterwards the running/waiting gauges and KV usage return to 0; the server's
-  RSS grows < 10% from the end of warm-up (the first 10% of the run, at least 60 s, at most half) to the end.
+  RSS (VmRSS, sampled every second) grows < 10% from the end of warm-up (the first 10% of the run, at
+  least 60 s, at most half) to the end, each the median of a window of 10% of the run (at least 5 s).
 - overload: C clients for --baseline-duration (latency baseline at exactly the admitted concurrency), then
   4C clients for --overload-duration, all sending the same shape of request (non-streaming, random prompt
-  ids, a fixed number of generated tokens). Pass: the excess gets 429 with Retry-After with p95 client-side
+  ids, 32 generated tokens +-50% so that the clients do not run in lockstep, started within 1 s; a refused
+  client waits as Retry-After says, times 0.5-1.5, or --retry-pause-min/max seconds). Pass: the excess gets 429 with Retry-After with p95 client-side
   latency <= 50 ms; admitted requests' p95 <= 1.5x the baseline p95; no 5xx or other error; right after the
   load stops a single request succeeds within 1.5x the baseline p95; the gauges return to 0.
 - faults: (a) SIGTERM with 32 streams in flight: each ends with `data: [DONE]` after its final chunk or an
@@ -167,18 +169,22 @@ def overload(ctx: Context) -> Suite:
     settings = ctx.settings(max_num_seqs=c, max_waiting_requests=w,
                             kv_cache_memory=a.kv_cache_memory or kv_budget(ctx.root, ctx.ref, 2 * (c + w), a.dtype))  # fmt: skip
     with h.ServerProcess(ctx.root, ctx.ref, settings, ctx.log("overload")) as server:
+        retry = f"{a.retry_pause_min:g}-{a.retry_pause_max:g} s" if a.retry_pause_max else "Retry-After x 0.5-1.5"
         print(f"overload: {ctx.ref}, MAX_NUM_SEQS={c}, MAX_WAITING_REQUESTS={w}; baseline {c} clients "
-              f"{a.baseline_duration:.0f} s, overload {4 * c} clients {a.overload_duration:.0f} s "
+              f"{a.baseline_duration:.0f} s, overload {4 * c} clients {a.overload_duration:.0f} s, a refused client "
+              f"waits {retry} "
               f"(server pid {server.pid}, ready in {server.wait_ready():.1f} s)", flush=True)  # fmt: skip
 
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 info = await h.model_info(client)
-                make = lambda rng: h.fixed_request(rng, info, a.prompt_len, a.new_tokens)  # noqa: E731
+                make = lambda rng: h.fixed_request(rng, info, a.prompt_len, a.new_tokens, a.spread)  # noqa: E731
                 await h.drive(server.url, c, a.warmup, make, seed=a.seed + 1)  # untimed warm-up
-                base = await h.drive(server.url, c, a.baseline_duration, make, seed=a.seed + 2, server=server)
+                base = await h.drive(server.url, c, a.baseline_duration, make, seed=a.seed + 2, server=server,
+                                     stagger=a.stagger)  # fmt: skip
+                pause = (a.retry_pause_min, a.retry_pause_max) if a.retry_pause_max else None
                 over = await h.drive(server.url, 4 * c, a.overload_duration, make, seed=a.seed + 3, server=server,
-                                     retry_pause=(a.retry_pause_min, a.retry_pause_max))  # fmt: skip
+                                     retry_pause=pause, stagger=a.stagger)  # fmt: skip
                 recovery = await h.execute(client, make(random.Random(a.seed + 4)), time.monotonic())
                 idle = await h.wait_idle(client, timeout=60)
                 return info, base, over, recovery, idle
@@ -404,8 +410,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--overload-duration", type=float, default=120, help="seconds at 4C clients (default 120)")
     g.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per request (default 16)")
     g.add_argument("--new-tokens", type=int, default=32, help="generated tokens per request (default 32)")
-    g.add_argument("--retry-pause-min", type=float, default=0.1, help="a client that got 429 waits at least this (s)")
-    g.add_argument("--retry-pause-max", type=float, default=0.5, help="... and at most this before its next request")
+    g.add_argument("--spread", type=float, default=0.5,
+                   help="generated tokens vary uniformly within +- this fraction (default 0.5; 0: all equal, lockstep)")
+    g.add_argument("--stagger", type=float, default=1.0, help="clients start within this many seconds (default 1)")
+    g.add_argument("--retry-pause-min", type=float, default=0.0,
+                   help="a client that got 429 waits at least this many seconds ... (default: as Retry-After says)")
+    g.add_argument("--retry-pause-max", type=float, default=0.0, help="... and at most this before its next request")
     g = p.add_argument_group("faults")
     g.add_argument("--only", help=f"comma-separated subset of {','.join(FAULTS)}")
     g.add_argument("--streams", type=int, default=32, help="streams in flight at SIGTERM (default 32)")
