@@ -186,15 +186,20 @@ def test_overload_is_refused_at_once_and_streams_get_a_429_status(tiny_store):
                     client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4}).status_code)) for _ in range(3)]
                 for t in admitted:  # 2 free slots + 1 waiting: all three are admitted
                     t.start()
-                assert inside.wait(30)
+                assert inside.wait(30), f"the engine never stepped; answers so far: {codes}"
                 while async_engine._submitted < 3:
-                    assert all(t.is_alive() for t in admitted), codes
+                    assert all(t.is_alive() for t in admitted), f"one of the first three was answered: {codes}"
                     threading.Event().wait(0.01)
                 bodies = {"/v1/completions": [{"prompt": "x", "max_tokens": 4}, {"prompt": "x", "max_tokens": 4, "stream": True}],
                           "/v1/chat/completions": [{"messages": [{"role": "user", "content": "x"}], "stream": True}]}  # fmt: skip
                 for path, items in bodies.items():
                     for body in items:
-                        r = client.post(path, json=body)  # answered while the step is still held
+                        try:  # answered while the step is still held; it is only released below
+                            r = client.post(path, json=body, timeout=10)
+                        except httpx.TimeoutException:
+                            pytest.fail(f"{path} {body}: no answer while the engine was inside its step "
+                                        f"(queued {len(engine.scheduler.waiting)}, running {len(engine.scheduler.running)}, "
+                                        f"sent {async_engine._submitted}, applied {async_engine._applied})")  # fmt: skip
                         assert r.status_code == 429 and r.headers["retry-after"] == "1", (path, body, r.text)
                         assert r.json()["error"]["code"] == "rate_limit_exceeded"
                 assert not gate.is_set()
