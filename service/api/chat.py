@@ -30,7 +30,9 @@ def chat_prompt(messages: list[ChatMessage], backend) -> list[int]:
                 messages=[m.model_dump() for m in messages], add_generation_prompt=True,
                 eos_token=eos or "", bos_token=eos or "",
             )  # fmt: skip
-        except TemplateError as exc:
+        except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
+            # A sandbox refusal (SecurityError is a TemplateError), an over-long range() (OverflowError), a
+            # template indexing or calling what these messages lack: the template cannot render them.
             raise invalid(f"the model's chat template failed on these messages: {exc}", "messages") from None
         ids = encode(tokenizer, text)
     else:
