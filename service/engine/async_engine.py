@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .engine import Engine, EngineOutput
-from .scheduler import QueueFull
 from .types import SamplingParams, StepStats
 
 logger = logging.getLogger(__name__)
@@ -118,11 +117,7 @@ class AsyncEngine:
         the figure can be one step stale, so the engine thread still checks exactly at admission (and the
         prompt-token limit, which only it can count)."""
         scheduler = self.engine.scheduler
-        limit = scheduler.waiting_limit(len(scheduler.running))
-        waiting = len(scheduler.waiting) + max(self._submitted - self._applied, 0)
-        if waiting + num_seqs > limit:
-            raise QueueFull(f"{waiting} sequences are queued (limit {scheduler.config.max_waiting} waiting beyond "
-                            f"{limit - scheduler.config.max_waiting} free running slots)")  # fmt: skip
+        scheduler.check_room(len(scheduler.waiting) + max(self._submitted - self._applied, 0), num_seqs)
 
     # -- engine thread ----------------------------------------------------------------------------------
     def _run(self) -> None:

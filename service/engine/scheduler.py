@@ -65,10 +65,7 @@ class Scheduler:
         The queue limit counts sequences that will actually wait: those the free running slots take at the
         next step do not (requests that arrive together between two steps, such as a closed loop of exactly
         max_num_seqs clients, are all admitted)."""
-        limit = self.waiting_limit(len(self.running))
-        if len(self.waiting) + len(seqs) > limit:
-            raise QueueFull(f"{len(self.waiting)} sequences are queued (limit {self.config.max_waiting} waiting "
-                            f"beyond {limit - self.config.max_waiting} free running slots)")  # fmt: skip
+        self.check_room(len(self.waiting), len(seqs))
         waiting_tokens = sum(s.num_tokens for s in self.waiting)
         if waiting_tokens and waiting_tokens + sum(s.num_tokens for s in seqs) > self.config.max_waiting_tokens:
             raise QueueFull(f"{waiting_tokens} tokens are waiting (limit {self.config.max_waiting_tokens})")
@@ -78,9 +75,13 @@ class Scheduler:
                 raise TooLarge(f"{longest} tokens exceed the KV memory ({self.kv.num_blocks * self.kv.block_size} tokens)")
         self.waiting.extend(seqs)
 
-    def waiting_limit(self, num_running: int) -> int:
-        """Sequences the waiting queue may hold now: max_waiting, plus the running slots still free."""
-        return self.config.max_waiting + max(0, self.config.max_num_seqs - num_running)
+    def check_room(self, num_waiting: int, num_seqs: int) -> None:
+        """QueueFull unless `num_seqs` more sequences fit beside `num_waiting` queued ones: max_waiting, plus
+        the running slots still free. `add` checks it exactly; `AsyncEngine` early, from the event loop."""
+        free_slots = max(0, self.config.max_num_seqs - len(self.running))
+        if num_waiting + num_seqs > self.config.max_waiting + free_slots:
+            raise QueueFull(f"{num_waiting} sequences are queued (limit {self.config.max_waiting} waiting "
+                            f"beyond {free_slots} free running slots)")  # fmt: skip
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
