@@ -21,11 +21,8 @@ time; exits 1 on any failure. `run_fuzz()` is what tests/reliability/test_fuzz.p
 
 import argparse
 import contextlib
+import importlib.util
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +33,6 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
 EOS = "<|endoftext|>"
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -75,42 +71,25 @@ def build_store(root: Path, seed: int = 0) -> None:
         import_hf(ModelStore(root), src, "tiny", alias="prod")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _harness():
+    """reliability/harness.py, loaded from its path: this file runs as a script and is also loaded by path
+    from tests/, where `reliability` names the tests' package, not this folder."""
+    if "reliability_harness" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("reliability_harness", Path(__file__).with_name("harness.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["reliability_harness"]
 
 
 @contextlib.contextmanager
-def service(store_root: Path, log_path: Path, **overrides: str) -> Iterator[str]:
+def service(store_root: Path, log_path: Path) -> Iterator[str]:
     """`python -m service` on 127.0.0.1 serving tiny@prod from `store_root`; yields its base URL."""
-    port = free_port()
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "MODEL": "tiny@prod",
-           "MODEL_STORE_ROOT": str(store_root), "DTYPE": "float32", "KV_CACHE_MEMORY": "16MiB",
-           "MAX_NUM_BATCHED_TOKENS": "256", "NUM_THREADS": "1", "SEED": "0", "DRAIN_TIMEOUT": "5",
-           **{k.upper(): v for k, v in overrides.items()}}  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the service exited with {proc.returncode}; see {log_path}")
-                with contextlib.suppress(requests.RequestException):
-                    if requests.get(url + "/ready", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the service was not ready within 120 s; see {log_path}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    settings = {"DTYPE": "float32", "KV_CACHE_MEMORY": "16MiB", "MAX_NUM_BATCHED_TOKENS": "256", "NUM_THREADS": "1",
+                "SEED": "0", "DRAIN_TIMEOUT": "5"}  # fmt: skip
+    with _harness().ServerProcess(store_root, "tiny@prod", settings, log_path) as server:
+        server.wait_ready(timeout=120)
+        yield server.url
 
 
 # -- fuzzing ------------------------------------------------------------------------------------------------

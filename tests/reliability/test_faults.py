@@ -16,14 +16,11 @@ minutes): the same invariants on a tiny random GPT-2 and tiny limits, without th
 test_corrupted_weights_refuse_to_start_naming_the_file; one reload under non-streaming load is
 tests/api/test_operations.py's.
 
-The harness is reliability/harness.py, loaded from its path: tests/ comes first on sys.path under pytest,
-and `pytest` (unlike `python -m pytest`) does not put the repository root there at all.
+The harness is reliability/harness.py, loaded from its path by this folder's conftest.
 """
 
 import asyncio
-import importlib.util
 import random
-import sys
 import threading
 from pathlib import Path
 
@@ -32,18 +29,11 @@ import pytest
 
 from api.conftest import serve
 
+from .conftest import harness as h
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("reliability_harness", REPO / "reliability" / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-h = _load_harness()
 C, W = 4, 4  # the shared server's admitted concurrency (MAX_NUM_SEQS) and waiting queue
 
 

@@ -11,12 +11,7 @@ code in a `.bin` checkpoint never run (tests/store/test_import_hf.py), body size
 import ast
 import contextlib
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +26,7 @@ from service.api.chat import chat_prompt
 from service.api.errors import APIError
 from service.api.schemas import ChatMessage
 
-from .conftest import free_port, serve
+from .conftest import harness, serve
 from .test_hostile import exchange, json_body
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,31 +120,17 @@ def test_admin_reload_refuses_references_that_escape_the_store(http_store):
 
 # -- logs ----------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def service_process(store_root: Path, log_path: Path, **env: str):
-    """`python -m service` (its real logging set-up), stderr to `log_path`; yields the base URL."""
-    port = free_port()
-    full = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "MODEL": "tiny@prod", "MODEL_STORE_ROOT": str(store_root),
-            "DTYPE": "float32", "KV_CACHE_MEMORY": "16MiB", "NUM_THREADS": "1", "DRAIN_TIMEOUT": "2", **env}  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-2000:]
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "not ready in 120 s"
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def service_processes(store_root: Path, logs: dict[str, Path], **env: str):
+    """One `python -m service` (its real logging set-up) per log level in `logs`, output to that file; all
+    start together (the slow part is importing torch). Yields {level: base URL}."""
+    settings = {"DTYPE": "float32", "KV_CACHE_MEMORY": "16MiB", "NUM_THREADS": "1", "DRAIN_TIMEOUT": "2", **env}
+    with contextlib.ExitStack() as stack:
+        servers = {level: stack.enter_context(harness.ServerProcess(store_root, "tiny@prod",
+                                                                    {**settings, "LOG_LEVEL": level}, path))
+                   for level, path in logs.items()}  # fmt: skip
+        for server in servers.values():
+            server.wait_ready(timeout=120)
+        yield {level: server.url for level, server in servers.items()}
 
 
 def exercise(url: str, key: str, wrong_key: str, prompt: str) -> int:
@@ -195,9 +176,7 @@ def test_no_prompt_text_or_api_key_in_the_logs(http_store, tmp_path):
     marker = uuid.uuid4().hex[:12]
     prompt, key, wrong = f"secret prompt {marker}", f"sk-live-{marker}", f"sk-wrong-{marker}"
     logs = {level: tmp_path / f"{level}.log" for level in ("info", "debug")}
-    with contextlib.ExitStack() as stack:  # both start together: the slow part is importing torch
-        urls = {level: stack.enter_context(service_process(http_store[0], logs[level], API_KEYS=key, LOG_LEVEL=level))
-                for level in logs}  # fmt: skip
+    with service_processes(http_store[0], logs, API_KEYS=key) as urls:
         sent = {level: exercise(url, key, wrong, prompt) for level, url in urls.items()}
     for level, path in logs.items():
         text = path.read_text()
