@@ -59,13 +59,16 @@ class Live:
 
 
 @contextlib.contextmanager
-def serve(store_root, **overrides):
+def serve(store_root, uvicorn_options=None, **overrides):
+    """The app on uvicorn in a thread on 127.0.0.1, once loaded and warmed up; `overrides` are service
+    settings, `uvicorn_options` extra `uvicorn.Config` arguments (say, the `http` protocol class)."""
     env = {"MODEL": "tiny@prod", "MODEL_STORE_ROOT": str(store_root), "DTYPE": "float32", "KV_CACHE_MEMORY": "16MiB",
            "MAX_NUM_BATCHED_TOKENS": "256", "NUM_THREADS": "1", "SEED": "0", "PORT": str(free_port())}
     env.update({k.upper(): str(v) for k, v in overrides.items()})
     config = ServiceConfig.from_env(env)
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_config=None, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_config=None, access_log=False,
+                                           **(uvicorn_options or {})))  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:  # uvicorn sets it once the lifespan (load + warm-up) is done

@@ -7,26 +7,21 @@ server must still be ready with nothing running or waiting in the engine.
 tests/api/test_completions.py::test_hostile_bodies_never_get_a_5xx holds a smaller corpus (any 4xx); this
 one pins the status of each case and covers every endpoint, the body limits and the socket level."""
 
-import contextlib
 import inspect
 import json
 import select
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 import service.__main__
 import service.app
 import service.connections
-from service.app import create_app
-from service.config import ServiceConfig
 from service.connections import DeadlineH11Protocol
 
-from .conftest import free_port, serve
+from .conftest import serve
 
 TIMEOUT = 20.0  # seconds; a case that takes longer is a hang
 VOCAB = 400  # the tiny tokenizer's vocabulary (ids 0..399)
@@ -405,31 +400,12 @@ def test_body_that_never_comes_gets_408(live, body_timeout):
     assert status == 408 and closed and body_timeout <= elapsed < body_timeout + 3, (data[:200], elapsed)
 
 
-@contextlib.contextmanager
-def serve_with_deadlines(store_root):
-    """A server with the connection-level request deadline `python -m service` uses (service/connections.py;
-    tests/api's serve() runs plain uvicorn)."""
-    config = ServiceConfig.from_env({"MODEL": "tiny@prod", "MODEL_STORE_ROOT": str(store_root), "DTYPE": "float32",
-                                     "KV_CACHE_MEMORY": "16MiB", "NUM_THREADS": "1", "PORT": str(free_port())})  # fmt: skip
-    app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_config=None, access_log=False,
-                                           timeout_keep_alive=5, http=DeadlineH11Protocol))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server failed to start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def deadline_url(http_store):
-    with serve_with_deadlines(http_store[0]) as url:
-        yield url
+    """A server with the connection-level request deadline `python -m service` uses (service/connections.py;
+    serve() otherwise runs plain uvicorn)."""
+    with serve(http_store[0], uvicorn_options={"timeout_keep_alive": 5, "http": DeadlineH11Protocol}) as live:
+        yield live.url
 
 
 @pytest.fixture
