@@ -17,9 +17,11 @@ ARG VARIANT=cpu
 # A directory inside the build context with a torch wheel (offline builds); empty directory: use an index.
 ARG TORCH_WHEELS=docker/wheels
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# pip in the image's venv (the base image's own can be old, with known advisories); `make install` reads it too.
+ARG PIP_VERSION=26.3
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN python -m venv /opt/venv
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install "pip==$PIP_VERSION"
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY ${TORCH_WHEELS}/ /wheels/

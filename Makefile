@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# pip itself, upgraded in the venv (the interpreter's bundled pip can be old and have known advisories);
+# one version for the venv and the image: the Dockerfile's ARG PIP_VERSION.
+PIP_VERSION := $(shell sed -n 's/^ARG PIP_VERSION=//p' Dockerfile)
 
 .PHONY: test install serve default-model clean-venv
 
@@ -30,7 +33,8 @@ $(PY):
 
 # Reinstalls when the dependency list changes. torch is pinned in pyproject.toml; pip resolves that pin to
 # the local CPU wheel on these machines.
-$(INSTALLED): pyproject.toml | $(PY)
+$(INSTALLED): pyproject.toml Dockerfile | $(PY)
+	$(PY) -m pip install --quiet 'pip==$(PIP_VERSION)'
 	$(PY) -m pip install --quiet --editable '.[dev]'
 	touch $(INSTALLED)
 
