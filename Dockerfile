@@ -45,7 +45,10 @@ COPY model_store/ model_store/
 RUN pip install '.[train]' && python -c "import service, model_store, torch; print('torch', torch.__version__)"
 
 FROM ${BASE_IMAGE} AS runtime
-RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin app
+# The base image's own pip, setuptools and wheel serve nothing here (the service runs from /opt/venv, which
+# has its own pip) and can carry known advisories: removed.
+RUN if python -m pip --version > /dev/null 2>&1; then python -m pip uninstall --yes --quiet pip setuptools wheel; fi \
+ && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 COPY --chown=10001:10001 models/README.md /models/README.md
 COPY --chown=10001:10001 models/default/ /models/default/

@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # pip itself, upgraded in the venv (the interpreter's bundled pip can be old and have known advisories);
 # one version for the venv and the image: the Dockerfile's ARG PIP_VERSION.
-PIP_VERSION := $(shell sed -n 's/^ARG PIP_VERSION=//p' Dockerfile)
+PIP_VERSION := $(shell sed -n 's/^ARG PIP_VERSION=\([^[:space:]]*\).*/\1/p' Dockerfile | head -n 1)
+$(if $(PIP_VERSION),,$(error Dockerfile has no ARG PIP_VERSION=))
 
 .PHONY: test install serve default-model clean-venv
 

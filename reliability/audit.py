@@ -9,13 +9,15 @@ environment, the project itself aside) ends in one of these states:
 - audited by pip-audit (OSV / PyPI's per-release advisories);
 - audited by PyPI's project JSON, when pip-audit could not look it up and the installed version is the latest
   release: that JSON lists the advisories of the latest release only;
-- reviewed by hand: an entry of audit-review.toml for exactly this name and version, made against an advisory
-  database and dated; a version bump makes the entry stale, and the package unaudited again;
+- reviewed by hand: a `not affected` entry of audit-review.toml for exactly this name and version, made
+  against an advisory database and dated; a version bump makes the entry stale, and the package unaudited
+  again;
 - unaudited.
 
-Each known vulnerability is either justified (an `accepted` entry of audit-review.toml for that name, version
-and advisory id or alias, with the reason) or not. Exit status: 1 with an unjustified vulnerability, else 2
-while any package is unaudited, else 0.
+Each known vulnerability that pip-audit or PyPI's JSON reports is either justified (an `accepted` entry of
+audit-review.toml for that name, version and advisory id or alias, with the reason) or not; an `accepted`
+entry never counts as a review. One entry per name and version. Exit status: 1 with an unjustified
+vulnerability, else 2 while any package is unaudited (or when the audit itself fails), else 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import re
 import sys
 import tomllib
+import traceback
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +49,14 @@ def public(version: str) -> str:
         return Version(version).public
     except InvalidVersion:
         return version
+
+
+def same(a: str, b: str) -> bool:
+    """The same release under PEP 440 (1.0 == 1.0.0, 2.9.0-post0 == 2.9.0.post0; local labels aside)."""
+    try:
+        return Version(public(a)) == Version(public(b))
+    except InvalidVersion:
+        return a == b
 
 
 @dataclass
@@ -81,12 +92,17 @@ def unique(vulns: list[Vuln]) -> list[Vuln]:
 def load_review(path: Path = REVIEW) -> tuple[dict, list[dict]]:
     data = tomllib.loads(path.read_text()) if path.exists() else {}
     entries = data.get("package", [])
+    seen = set()
     for entry in entries:
         if entry.get("verdict") not in ("not affected", "accepted"):
             raise ValueError(f"{path}: {entry.get('name')}: verdict must be 'not affected' or 'accepted'")
         for key in ("name", "version", "advisories", "why"):
             if key not in entry:
                 raise ValueError(f"{path}: {entry.get('name')}: missing {key!r}")
+        name = canonical(entry["name"])
+        if any(n == name and same(v, entry["version"]) for n, v in seen):
+            raise ValueError(f"{path}: {entry['name']} {entry['version']}: more than one entry")
+        seen.add((name, entry["version"]))
     return data, entries
 
 
@@ -118,27 +134,27 @@ def pypi_project(name: str) -> tuple[str, list[Vuln]]:
 
 def decide(packages: list[tuple[str, str]], looked_up, lookup, entries: list[dict], reviewed: str = ""):
     """Fills each package's state; `lookup(name)` is pypi_project (or a stand-in in the tests)."""
-    review = {(canonical(e["name"]), e["version"]): e for e in entries}
+
     result = [Package(canonical(n), public(v)) for n, v in packages]
     need = [p for p in result if (p.name, p.version) not in looked_up]
     with ThreadPoolExecutor(8) as pool:
         answers = dict(zip([p.name for p in need], pool.map(_safe(lookup), [p.name for p in need])))
     for p in result:
-        entry = review.get((p.name, p.version))
+        entry = next((e for e in entries if canonical(e["name"]) == p.name and same(e["version"], p.version)), None)
         if (p.name, p.version) in looked_up:
             p.how, p.vulns = "pip-audit", looked_up[(p.name, p.version)]
         elif isinstance(answers[p.name], Exception):
             p.note = f"PyPI project JSON: {type(answers[p.name]).__name__}"
-        elif answers[p.name][0] == p.version:
+        elif same(answers[p.name][0], p.version):
             p.how, p.vulns = "pypi-json", answers[p.name][1]
         else:
             p.note = f"latest {answers[p.name][0]}"
-        if p.how == "unaudited" and entry is not None:
+        if p.how == "unaudited" and entry is not None and entry["verdict"] == "not affected":
             p.how, p.note = "review", f"reviewed by hand {reviewed}: {entry['verdict']}; {p.note}"
         if entry is not None and entry["verdict"] == "accepted":
             accepted = set(entry["advisories"])
             p.justified = {v.id: entry["why"] for v in p.vulns if v.names() & accepted}
-    stale = [e for e in entries if (canonical(e["name"]), e["version"]) not in {(p.name, p.version) for p in result}]
+    stale = [e for e in entries if not any(canonical(e["name"]) == p.name and same(e["version"], p.version) for p in result)]
     return result, stale
 
 
@@ -212,4 +228,9 @@ def main(out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    try:
+        status = main(Path(sys.argv[1]))
+    except Exception:  # noqa: BLE001 - an audit that could not run is no result (2), never "vulnerable" (1)
+        traceback.print_exc()
+        status = 2
+    sys.exit(status)

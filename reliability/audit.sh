@@ -45,8 +45,9 @@ for target in pinned venv; do
     else
         args=(--skip-editable)
     fi
+    rm -f "$OUT/$target.json"  # a failed run must not leave the previous run's results to be judged
     "$PY" -m pip_audit "${args[@]}" "${common[@]}" -o "$OUT/$target.json" 2>"$OUT/$target.err"
-    rc=$?
+    rc=$?  # 1 is also pip-audit's status for a fatal error, which writes no output
     if [ $rc -gt 1 ] || [ ! -s "$OUT/$target.json" ]; then
         cat "$OUT/$target.err" >&2
         exit 2

@@ -1,6 +1,8 @@
 """The dependency audit's verdict (reliability/audit.py), offline: pip-audit's JSON and PyPI's project JSON are
 stand-ins here. reliability/audit.sh runs the real thing (network)."""
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -118,3 +120,43 @@ def test_one_advisory_under_two_ids_counts_once():
     ]}
     packages, _, status = run([("s", "2.1.0")], [pip_audit(dep)], entries=[entry("s", "2.1.0", "accepted", ["CVE-1"])])
     assert [v.id for v in packages["s"].vulns] == ["GHSA-1"] and status == 0
+
+
+def test_a_not_affected_review_never_hides_a_vulnerability_a_tool_reports():
+    for reports, table in (([pip_audit(found("a", "1.0", "X-1"))], {}), ([], {"a": ("1.0", ["X-1"])})):
+        packages, _, status = run([("a", "1.0")], reports, table, entries=[entry("a", "1.0", advisories=["X-1"])])
+        assert [v.id for v in packages["a"].vulns] == ["X-1"] and not packages["a"].justified and status == 1
+
+
+def test_an_accepted_entry_justifies_but_is_no_review():
+    """sqlitedict's entry must not turn into "reviewed, 0 vulnerabilities" when PyPI cannot be reached or a
+    new release leaves the installed one behind."""
+    accepted = [entry("sqlitedict", "2.1.0", "accepted", ["CVE-2024-35515"])]
+    for answer in (OSError("no route"), ("2.2.0", [])):
+        packages, _, status = run([("sqlitedict", "2.1.0")], table={"sqlitedict": answer}, entries=accepted)
+        assert packages["sqlitedict"].how == "unaudited" and status == 2
+
+
+def test_review_names_and_versions_are_normalised():
+    packages, stale, status = run([("python-dateutil", "2.9.0.post0")], table={"python-dateutil": ("4.0.0", [])},
+                                  entries=[entry("Python_Dateutil", "2.9.0-post0")])
+    assert packages["python-dateutil"].how == "review" and not stale and status == 0
+    packages, _, _ = run([("a", "1.0.0")], table={"a": ("1.0", [])})
+    assert packages["a"].how == "pypi-json"
+
+
+def test_one_review_entry_per_name_and_version(tmp_path):
+    path = tmp_path / "review.toml"
+    one = '[[package]]\nname = "{}"\nversion = "1.0"\nverdict = "not affected"\nadvisories = []\nwhy = "x"\n'
+    path.write_text('reviewed = "2026-11-29"\n' + one.format("a_b") + one.format("A-B"))
+    with pytest.raises(ValueError, match="more than one"):
+        audit.load_review(path)
+
+
+def test_an_audit_that_cannot_run_exits_2_not_1(tmp_path):
+    """1 means "vulnerable": a missing or unreadable pip-audit result must not say that, nor pass."""
+    (tmp_path / "requirements.txt").write_text("a==1.0\n")
+    (tmp_path / "pinned.json").write_text("{not json")
+    done = subprocess.run([sys.executable, str(REPO / "reliability" / "audit.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "JSONDecodeError" in done.stderr
