@@ -21,7 +21,7 @@ install: $(INSTALLED)
 
 # Rebuilds the bundled default model from nothing (corpus from Debian's archive, tokenizer, training from
 # scratch, evaluation) and publishes it as default@N, alias prod, into MODEL_STORE_ROOT (default models/).
-# About an hour on 2 CPU cores; rerunning resumes an interrupted run. Needs apt-get (amd64).
+# About 50 minutes on 2 CPU cores (bit-identical to the committed model); rerunning resumes an interrupted run. Needs apt-get (amd64).
 default-model: $(INSTALLED)
 	$(PY) -m model_store.default_model build
 
