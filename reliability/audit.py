@@ -140,7 +140,7 @@ def decide(packages: list[tuple[str, str]], looked_up, lookup, entries: list[dic
     with ThreadPoolExecutor(8) as pool:
         answers = dict(zip([p.name for p in need], pool.map(_safe(lookup), [p.name for p in need])))
     for p in result:
-        entry = next((e for e in entries if canonical(e["name"]) == p.name and same(e["version"], p.version)), None)
+        entry = next((e for e in entries if covers(e, p)), None)
         if (p.name, p.version) in looked_up:
             p.how, p.vulns = "pip-audit", looked_up[(p.name, p.version)]
         elif isinstance(answers[p.name], Exception):
@@ -154,8 +154,12 @@ def decide(packages: list[tuple[str, str]], looked_up, lookup, entries: list[dic
         if entry is not None and entry["verdict"] == "accepted":
             accepted = set(entry["advisories"])
             p.justified = {v.id: entry["why"] for v in p.vulns if v.names() & accepted}
-    stale = [e for e in entries if not any(canonical(e["name"]) == p.name and same(e["version"], p.version) for p in result)]
+    stale = [e for e in entries if not any(covers(e, p) for p in result)]
     return result, stale
+
+
+def covers(entry: dict, p: Package) -> bool:
+    return canonical(entry["name"]) == p.name and same(entry["version"], p.version)
 
 
 def _safe(lookup):
