@@ -14,9 +14,11 @@ environment, the project itself aside) ends in one of these states:
   again;
 - unaudited.
 
-Each known vulnerability that pip-audit or PyPI's JSON reports is either justified (an `accepted` entry of
-audit-review.toml for that name, version and advisory id or alias, with the reason) or not; an `accepted`
-entry never counts as a review. One entry per name and version. Exit status: 1 with an unjustified
+Each known vulnerability that pip-audit or PyPI's JSON reports is either justified or not. Justified: the
+entry for that name and version names the advisory (id or alias), as `accepted` (kept, with the reason) or
+as `not affected` (the review found that its data is wrong for this version, e.g. a range that lost its
+upper bound). An advisory the entry does not name is never justified, and an `accepted` entry never counts
+as a review. One entry per name and version. Exit status: 1 with an unjustified
 vulnerability, else 2 while any package is unaudited (or when the audit itself fails), else 0.
 """
 
@@ -151,9 +153,10 @@ def decide(packages: list[tuple[str, str]], looked_up, lookup, entries: list[dic
             p.note = f"latest {answers[p.name][0]}"
         if p.how == "unaudited" and entry is not None and entry["verdict"] == "not affected":
             p.how, p.note = "review", f"reviewed by hand {reviewed}: {entry['verdict']}; {p.note}"
-        if entry is not None and entry["verdict"] == "accepted":
-            accepted = set(entry["advisories"])
-            p.justified = {v.id: entry["why"] for v in p.vulns if v.names() & accepted}
+        if entry is not None:  # only the advisories the entry names: a new one is never hidden
+            named = set(entry["advisories"])
+            why = entry["why"] if entry["verdict"] == "accepted" else f"reviewed, not affected: {entry['why']}"
+            p.justified = {v.id: why for v in p.vulns if v.names() & named}
     stale = [e for e in entries if not any(covers(e, p) for p in result)]
     return result, stale
 

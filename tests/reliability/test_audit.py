@@ -122,10 +122,17 @@ def test_one_advisory_under_two_ids_counts_once():
     assert [v.id for v in packages["s"].vulns] == ["GHSA-1"] and status == 0
 
 
-def test_a_not_affected_review_never_hides_a_vulnerability_a_tool_reports():
+def test_a_not_affected_review_justifies_only_the_advisories_it_names():
+    """A reviewed false positive (torch's records that lost their upper bound) passes; any other advisory a
+    tool reports for that version does not."""
+    review = [entry("a", "1.0", advisories=["X-1"])]
     for reports, table in (([pip_audit(found("a", "1.0", "X-1"))], {}), ([], {"a": ("1.0", ["X-1"])})):
-        packages, _, status = run([("a", "1.0")], reports, table, entries=[entry("a", "1.0", advisories=["X-1"])])
-        assert [v.id for v in packages["a"].vulns] == ["X-1"] and not packages["a"].justified and status == 1
+        packages, _, status = run([("a", "1.0")], reports, table, entries=review)
+        assert [v.id for v in packages["a"].vulns] == ["X-1"] and "not affected" in packages["a"].justified["X-1"]
+        assert status == 0
+    for reports, table in (([pip_audit(found("a", "1.0", "X-1", "X-2"))], {}), ([], {"a": ("1.0", ["X-1", "X-2"])})):
+        packages, _, status = run([("a", "1.0")], reports, table, entries=review)
+        assert set(packages["a"].justified) == {"X-1"} and status == 1
 
 
 def test_an_accepted_entry_justifies_but_is_no_review():
