@@ -1,6 +1,7 @@
 """The verdict of reliability/audit.sh: reads pip-audit's JSON for the pins and the .venv, fills what pip-audit
 could not look up, applies the hand review in reliability/audit-review.toml, prints the summary.
 
+    python reliability/audit.py --pins FILE  # writes the exact pins of pyproject.toml to FILE (audit.sh, first)
     python reliability/audit.py OUT_DIR      # OUT_DIR has requirements.txt, pinned.json, venv.json (audit.sh)
 
 Every package (each exact pin of pyproject.toml and each distribution installed in the running interpreter's
@@ -38,6 +39,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 
 REVIEW = Path(__file__).with_name("audit-review.toml")
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 PROJECT = "gpt2-serve"
 
 
@@ -136,7 +138,6 @@ def pypi_project(name: str) -> tuple[str, list[Vuln]]:
 
 def decide(packages: list[tuple[str, str]], looked_up, lookup, entries: list[dict], reviewed: str = ""):
     """Fills each package's state; `lookup(name)` is pypi_project (or a stand-in in the tests)."""
-
     result = [Package(canonical(n), public(v)) for n, v in packages]
     need = [p for p in result if (p.name, p.version) not in looked_up]
     with ThreadPoolExecutor(8) as pool:
@@ -207,6 +208,18 @@ def report(result: list[Package], stale: list[dict], reviewed: str) -> str:
     return "\n".join(lines)
 
 
+def pins(pyproject: Path = PYPROJECT) -> list[str]:
+    """Every requirement of pyproject.toml, the runtime list and every extra; all must be exact (==)."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    found = set(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        found.update(extra)
+    loose = sorted(p for p in found if "==" not in p)
+    if loose:
+        raise ValueError(f"not pinned exactly: {loose}")
+    return sorted(found, key=str.lower)
+
+
 def packages_in(requirements: Path) -> list[tuple[str, str]]:
     """The exact pins, and every distribution of this environment (a pin it has at another version: both)."""
     found = set()
@@ -236,7 +249,11 @@ def main(out: Path) -> int:
 
 if __name__ == "__main__":
     try:
-        status = main(Path(sys.argv[1]))
+        if sys.argv[1] == "--pins":
+            Path(sys.argv[2]).write_text("".join(f"{p}\n" for p in pins()))
+            status = 0
+        else:
+            status = main(Path(sys.argv[1]))
     except Exception:  # noqa: BLE001 - an audit that could not run is no result (2), never "vulnerable" (1)
         traceback.print_exc()
         status = 2

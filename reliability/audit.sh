@@ -25,17 +25,7 @@ if ! "$PY" -m pip_audit --version >/dev/null 2>&1; then
     exit 2
 fi
 
-"$PY" - "$OUT/requirements.txt" <<'PYTHON' || exit 2
-import sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-pins = set(project["dependencies"])
-for extra in project.get("optional-dependencies", {}).values():
-    pins.update(extra)
-loose = sorted(p for p in pins if "==" not in p)
-if loose:
-    sys.exit(f"not pinned exactly: {loose}")
-open(sys.argv[1], "w").write("".join(f"{p}\n" for p in sorted(pins, key=str.lower)))
-PYTHON
+"$PY" reliability/audit.py --pins "$OUT/requirements.txt" || exit 2
 
 common=(--format json --desc on --aliases on --progress-spinner off --timeout 60)
 echo "pip-audit $("$PY" -m pip_audit --version | awk '{print $2}'): $(wc -l <"$OUT/requirements.txt") pins from pyproject.toml, then the .venv"
