@@ -8,10 +8,15 @@ INSTALLED := $(VENV)/.installed
 PIP_VERSION := $(shell sed -n 's/^ARG PIP_VERSION=\([^[:space:]]*\).*/\1/p' Dockerfile | head -n 1)
 $(if $(PIP_VERSION),,$(error Dockerfile has no ARG PIP_VERSION=))
 
-.PHONY: test install serve default-model clean-venv
+.PHONY: test lint install serve default-model clean-venv
 
-test: $(INSTALLED) $(VENV)/bin/promtool
+test: lint $(VENV)/bin/promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff's configuration is in pyproject.toml; `$(PY) -m ruff format .` fixes what format --check reports.
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # Serves MODEL (default: the bundled default@prod) on 127.0.0.1:8000; settings from the environment.
 serve: $(INSTALLED)

@@ -36,8 +36,10 @@ def machine() -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{model}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
-            f"{torch.get_num_threads()} threads")  # fmt: skip
+    return (
+        f"{model}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def random_gpt2_small(tmp: Path) -> tuple[ModelStore, GPT2LMHeadModel]:

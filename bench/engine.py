@@ -81,8 +81,14 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tup
 def run_hf(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int) -> float:
     ids = torch.tensor(prompts)
     start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     elapsed = time.perf_counter() - start
     assert out.shape[1] == PROMPT_LEN + new_tokens
     return len(prompts) * new_tokens / elapsed
@@ -142,8 +148,9 @@ def run_baseline(python: str, script: Path, *args: object, json_path: Path | Non
     return [json.loads(line) for line in json_path.read_text().splitlines() if line.strip()]
 
 
-def ct2_baselines(args: argparse.Namespace, hf_dir: Path, work: Path, fp32: bool, batches: list[int],
-                  new_tokens: int) -> dict:  # fmt: skip
+def ct2_baselines(
+    args: argparse.Namespace, hf_dir: Path, work: Path, fp32: bool, batches: list[int], new_tokens: int
+) -> dict:
     """CTranslate2 figures, from the shared scripts run in the baseline venv: generated tok/s per
     (quantization, batch), and float32 score_batch tok/s."""
     py, scripts = args.ct2_python, Path(args.ct2_scripts)
@@ -161,23 +168,55 @@ def ct2_baselines(args: argparse.Namespace, hf_dir: Path, work: Path, fp32: bool
     for q, qb in (("float32", batches if fp32 else []), ("int8", int8_batches)):
         if not qb:
             continue
-        recs = run_baseline(py, scripts / "ct2_generate.py", "--model", models[q],
-                            "--batch", ",".join(map(str, qb)), *common, json_path=work / f"gen-{q}.jsonl")  # fmt: skip
+        recs = run_baseline(
+            py,
+            scripts / "ct2_generate.py",
+            "--model",
+            models[q],
+            "--batch",
+            ",".join(map(str, qb)),
+            *common,
+            json_path=work / f"gen-{q}.jsonl",
+        )
         for r in recs:
             gen[(q, r["batch"])] = statistics.median(r["tok_s"])
             compute[q] = r["compute_type"]
     score = None
     if fp32:
-        recs = run_baseline(py, scripts / "scoring.py", "--model", hf_dir, "--n-seqs", 64, "--seq-len", 256,
-                            "--skip-hf", "--ct2", models["float32"], "--ct2-batch", CT2_SCORE_BATCH,
-                            "--threads", threads, "--runs", CT2_RUNS, json_path=work / "score.jsonl")  # fmt: skip
+        recs = run_baseline(
+            py,
+            scripts / "scoring.py",
+            "--model",
+            hf_dir,
+            "--n-seqs",
+            64,
+            "--seq-len",
+            256,
+            "--skip-hf",
+            "--ct2",
+            models["float32"],
+            "--ct2-batch",
+            CT2_SCORE_BATCH,
+            "--threads",
+            threads,
+            "--runs",
+            CT2_RUNS,
+            json_path=work / "score.jsonl",
+        )
         (r,) = recs
         score = r["n_seqs"] * r["seq_len"] / statistics.median(r["s"])
     return {"gen": gen, "compute": compute, "score": score}
 
 
-def print_targets(dtype: str, ours_gen: dict[int, float], ours_score: float, max_diff: float, warm: float,
-                  cold: float, ct2: dict | None) -> None:  # fmt: skip
+def print_targets(
+    dtype: str,
+    ours_gen: dict[int, float],
+    ours_score: float,
+    max_diff: float,
+    warm: float,
+    cold: float,
+    ct2: dict | None,
+) -> None:
     """One row per target of issue 3: ours, theirs, ratio, target, met."""
     gen = ct2["gen"] if ct2 else {}
     fp32 = dtype == "float32"
@@ -185,24 +224,39 @@ def print_targets(dtype: str, ours_gen: dict[int, float], ours_score: float, max
     rows = []  # (what, ours, theirs, ratio, target, met)
 
     def row(what, ours, theirs, ratio, target, ok, fmt_=".1f"):
-        show = (lambda v: na if v is None else f"{v:{fmt_}}")  # noqa: E731
-        rows.append((what, show(ours), show(theirs), na if ratio is None else f"{ratio:.2f}x", target,
-                     na if ok is None else ("yes" if ok else "no")))  # fmt: skip
+        show = lambda v: na if v is None else f"{v:{fmt_}}"  # noqa: E731
+        rows.append(
+            (
+                what,
+                show(ours),
+                show(theirs),
+                na if ratio is None else f"{ratio:.2f}x",
+                target,
+                na if ok is None else ("yes" if ok else "no"),
+            )
+        )
 
     def both(a, b):
         return a is not None and b is not None
 
     ours, theirs = (ours_gen.get(64) if fp32 else None), gen.get(("float32", 64))
     ratio = ours / theirs if both(ours, theirs) else None
-    row("float32 c64 tok/s vs CT2 float32 b64", ours, theirs, ratio, ">= 1.30x",
-        None if ratio is None else ratio >= 1.3)  # fmt: skip
+    row(
+        "float32 c64 tok/s vs CT2 float32 b64", ours, theirs, ratio, ">= 1.30x", None if ratio is None else ratio >= 1.3
+    )
 
     int8 = {b: v for (q, b), v in gen.items() if q == "int8"}
     best_b = max(int8, key=int8.get) if int8 else None
     ours, theirs = ours_gen.get(64), (int8[best_b] if int8 else None)
     ratio = ours / theirs if both(ours, theirs) else None
-    row(f"{dtype} c64 tok/s vs best CT2 int8" + (f" (b{best_b})" if int8 else ""), ours, theirs, ratio, ">= 2.00x",
-        None if ratio is None else ratio >= 2.0)  # fmt: skip
+    row(
+        f"{dtype} c64 tok/s vs best CT2 int8" + (f" (b{best_b})" if int8 else ""),
+        ours,
+        theirs,
+        ratio,
+        ">= 2.00x",
+        None if ratio is None else ratio >= 2.0,
+    )
 
     ours_t, theirs_t = (ours_gen.get(1) if fp32 else None), gen.get(("float32", 1))
     ours, theirs = (1000 / ours_t if ours_t else None), (1000 / theirs_t if theirs_t else None)
@@ -211,17 +265,41 @@ def print_targets(dtype: str, ours_gen: dict[int, float], ours_score: float, max
 
     ours, theirs = (ours_score if fp32 else None), (ct2["score"] if ct2 else None)
     ratio = ours / theirs if both(ours, theirs) else None
-    row("scoring float32 64x256 tok/s vs CT2 score_batch", ours, theirs, ratio, ">= 1.20x",
-        None if ratio is None else ratio >= 1.2)  # fmt: skip
+    row(
+        "scoring float32 64x256 tok/s vs CT2 score_batch",
+        ours,
+        theirs,
+        ratio,
+        ">= 1.20x",
+        None if ratio is None else ratio >= 1.2,
+    )
     diff = max_diff if fp32 else None
-    rows.append(("  with max |d logprob| vs HF float32", na if diff is None else f"{diff:.1e}", "-", "-", "<= 1e-4",
-                 na if diff is None else ("yes" if diff <= 1e-4 else "no")))  # fmt: skip
+    rows.append(
+        (
+            "  with max |d logprob| vs HF float32",
+            na if diff is None else f"{diff:.1e}",
+            "-",
+            "-",
+            "<= 1e-4",
+            na if diff is None else ("yes" if diff <= 1e-4 else "no"),
+        )
+    )
 
-    row(f"prefix reuse TTFT ms ({dtype}), 480/512 cached vs none", warm * 1000, cold * 1000, warm / cold,
-        "<= 0.25x", warm / cold <= 0.25, ".0f")  # fmt: skip
+    row(
+        f"prefix reuse TTFT ms ({dtype}), 480/512 cached vs none",
+        warm * 1000,
+        cold * 1000,
+        warm / cold,
+        "<= 0.25x",
+        warm / cold <= 0.25,
+        ".0f",
+    )
 
-    print(f"\ntargets (issue 3), run dtype {dtype}" + ("" if ct2 else "; no CTranslate2: pass --ct2-python")
-          + ("" if fp32 else "; float32 rows need --dtype float32"))  # fmt: skip
+    print(
+        f"\ntargets (issue 3), run dtype {dtype}"
+        + ("" if ct2 else "; no CTranslate2: pass --ct2-python")
+        + ("" if fp32 else "; float32 rows need --dtype float32")
+    )
     header = ("measure", "ours", "theirs", "ratio", "target", "met")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
     for r in [header, *rows]:
@@ -235,8 +313,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
     parser.add_argument("--batches", default="1,8,32,64", help="concurrency levels; empty to skip generation")
     parser.add_argument("--ct2-python", default=None, help="python of the baseline venv: runs CTranslate2 too")
-    parser.add_argument("--ct2-scripts", default=str(REPO.parent / "shared" / "bench"),
-                        help="the shared baseline scripts (default: ../shared/bench from the repo root)")
+    parser.add_argument(
+        "--ct2-scripts",
+        default=str(REPO.parent / "shared" / "bench"),
+        help="the shared baseline scripts (default: ../shared/bench from the repo root)",
+    )
     parser.add_argument("--ct2-int8-batches", default="1,8,32,64", help="CTranslate2 int8 batch sizes (best wins)")
     args = parser.parse_args()
     new_tokens = 32 if args.quick else 128
@@ -284,26 +365,36 @@ def main() -> None:
         if args.ct2_python:
             ct2 = ct2_baselines(args, Path(tmp) / "hf", Path(tmp), dtype == "float32", batches, new_tokens)
 
-    print(f"\nscoring 64 x 256 tokens, {dtype}: ours {ours_score:.1f} tok/s, HF {hf_score:.1f} tok/s, "
-          f"ours/HF {ours_score / hf_score:.2f}x, max |d logprob| vs HF {max_diff:.2e}")
-    print(f"prefix reuse, 512-token prompt with 480 cached: TTFT {warm * 1000:.0f} ms vs {cold * 1000:.0f} ms "
-          f"uncached ({warm / cold:.2f}x)")
+    print(
+        f"\nscoring 64 x 256 tokens, {dtype}: ours {ours_score:.1f} tok/s, HF {hf_score:.1f} tok/s, "
+        f"ours/HF {ours_score / hf_score:.2f}x, max |d logprob| vs HF {max_diff:.2e}"
+    )
+    print(
+        f"prefix reuse, 512-token prompt with 480 cached: TTFT {warm * 1000:.0f} ms vs {cold * 1000:.0f} ms "
+        f"uncached ({warm / cold:.2f}x)"
+    )
     if rows:
         print(f"\nGPT-2-small shape, {dtype}, prompt {PROMPT_LEN}, {new_tokens} generated, greedy, ignore_eos")
-        print(f"{'concurrent':>10} {'ours tok/s':>11} {'HF tok/s':>9} {'ours/HF':>8} {'TTFT p50 s':>11} {'TTFT p95 s':>11}")
+        print(
+            f"{'concurrent':>10} {'ours tok/s':>11} {'HF tok/s':>9} {'ours/HF':>8} "
+            f"{'TTFT p50 s':>11} {'TTFT p95 s':>11}"
+        )
         for batch, ours, theirs, t50, t95 in rows:
             print(f"{batch:>10} {ours:>11.1f} {theirs:>9.1f} {ours / theirs:>7.2f}x {t50:>11.3f} {t95:>11.3f}")
     if ct2:
         gen, compute = ct2["gen"], ct2["compute"]
-        print(f"\nCTranslate2 generate_batch tok/s, prompt {PROMPT_LEN}, {new_tokens} generated "
-              f"(compute types: {', '.join(f'{q} -> {c}' for q, c in compute.items())})")  # fmt: skip
+        print(
+            f"\nCTranslate2 generate_batch tok/s, prompt {PROMPT_LEN}, {new_tokens} generated "
+            f"(compute types: {', '.join(f'{q} -> {c}' for q, c in compute.items())})"
+        )
         print(f"{'batch':>10} {'float32':>9} {'int8':>9}")
         for b in sorted({b for _, b in gen}):
             cells = [gen.get((q, b)) for q in ("float32", "int8")]
             print(f"{b:>10} " + " ".join(f"{'-' if v is None else f'{v:.1f}':>9}" for v in cells))
         if ct2["score"] is not None:
-            print(f"CTranslate2 float32 score_batch 64 x 256 (max_batch_size {CT2_SCORE_BATCH}): "
-                  f"{ct2['score']:.1f} tok/s")
+            print(
+                f"CTranslate2 float32 score_batch 64 x 256 (max_batch_size {CT2_SCORE_BATCH}): {ct2['score']:.1f} tok/s"
+            )
     print_targets(dtype, {b: ours for b, ours, *_ in rows}, ours_score, max_diff, warm, cold, ct2)
 
 

@@ -124,22 +124,31 @@ class CpuMeter:
 class Server:
     """A server subprocess in its own session, its output in a log file; stopped by `stop()`."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path, ready_path: str, port: int,
-                 cwd: Path) -> None:  # fmt: skip
+    def __init__(
+        self, name: str, cmd: list[str], env: dict[str, str], log: Path, ready_path: str, port: int, cwd: Path
+    ) -> None:
         self.name, self.log, self.base = name, log, f"http://{HOST}:{port}"
         self.ready_url = self.base + ready_path
         print(f"  $ {' '.join(cmd)}", flush=True)
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def wait_ready(self, timeout: float) -> float:
         start = time.perf_counter()
         deadline = start + timeout
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited with {self.proc.returncode} while starting\n"
-                                   + self.log_tail())  # fmt: skip
+                raise RuntimeError(
+                    f"{self.name} server exited with {self.proc.returncode} while starting\n" + self.log_tail()
+                )
             try:
                 if httpx.get(self.ready_url, timeout=2).status_code == 200:
                     return time.perf_counter() - start
@@ -171,18 +180,39 @@ class Server:
 def start_ours(args: argparse.Namespace, store_root: Path, work: Path, kv_bytes: int, threads: int) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS",)}
-    env.update(HOST=HOST, PORT=str(port), MODEL="bench", MODEL_STORE_ROOT=str(store_root), DEVICE="cpu",
-               DTYPE=args.dtype, MAX_NUM_SEQS="64", MAX_NUM_BATCHED_TOKENS="2048", KV_CACHE_MEMORY=str(kv_bytes),
-               MAX_WAITING_REQUESTS=str(max(256, args.requests)), NUM_THREADS=str(threads), LOG_LEVEL="info",
-               DRAIN_TIMEOUT="5")  # fmt: skip
+    env.update(
+        HOST=HOST,
+        PORT=str(port),
+        MODEL="bench",
+        MODEL_STORE_ROOT=str(store_root),
+        DEVICE="cpu",
+        DTYPE=args.dtype,
+        MAX_NUM_SEQS="64",
+        MAX_NUM_BATCHED_TOKENS="2048",
+        KV_CACHE_MEMORY=str(kv_bytes),
+        MAX_WAITING_REQUESTS=str(max(256, args.requests)),
+        NUM_THREADS=str(threads),
+        LOG_LEVEL="info",
+        DRAIN_TIMEOUT="5",
+    )
     return Server("ours", [sys.executable, "-m", "service"], env, work / "ours.log", "/ready", port, REPO)
 
 
 def start_naive(args: argparse.Namespace, hf_dir: Path, work: Path, threads: int) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    cmd = [args.naive_python, str(Path(args.naive_script).resolve()), "--model", str(hf_dir), "--host", HOST,
-           "--port", str(port), "--threads", str(threads)]  # fmt: skip
+    cmd = [
+        args.naive_python,
+        str(Path(args.naive_script).resolve()),
+        "--model",
+        str(hf_dir),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+    ]
     return Server("naive", cmd, env, work / "naive.log", "/health", port, Path(args.naive_script).resolve().parent)
 
 
@@ -197,11 +227,19 @@ class Result:
         self.errors: list[str] = []
 
 
-async def request_ours(client: httpx.AsyncClient, base: str, prompt: list[int], new_tokens: int,
-                       timeout: float) -> tuple[float, float, int]:  # fmt: skip
+async def request_ours(
+    client: httpx.AsyncClient, base: str, prompt: list[int], new_tokens: int, timeout: float
+) -> tuple[float, float, int]:
     """One streamed completion; returns (time to first event, latency, completion tokens)."""
-    body = {"prompt": prompt, "max_tokens": new_tokens, "min_tokens": new_tokens, "ignore_eos": True,
-            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "min_tokens": new_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first = None
     buf = bytearray()
@@ -230,12 +268,12 @@ async def request_ours(client: httpx.AsyncClient, base: str, prompt: list[int], 
     return first, latency, n
 
 
-async def request_naive(client: httpx.AsyncClient, base: str, prompt: list[int], new_tokens: int,
-                        timeout: float) -> tuple[float, float, int]:  # fmt: skip
+async def request_naive(
+    client: httpx.AsyncClient, base: str, prompt: list[int], new_tokens: int, timeout: float
+) -> tuple[float, float, int]:
     """One /generate; it does not stream, so the "time to first token" is the full latency."""
     start = time.perf_counter()
-    r = await client.post(base + "/generate", json={"input_ids": prompt, "max_new_tokens": new_tokens},
-                          timeout=timeout)  # fmt: skip
+    r = await client.post(base + "/generate", json={"input_ids": prompt, "max_new_tokens": new_tokens}, timeout=timeout)
     latency = time.perf_counter() - start
     if r.status_code != 200:
         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
@@ -273,14 +311,15 @@ async def one_pass(send, base: str, prompts: list[list[int]], args: argparse.Nam
         workers = [asyncio.ensure_future(worker()) for _ in range(args.concurrency)]
         try:
             await asyncio.wait_for(asyncio.gather(*workers), timeout=args.deadline_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             res.errors.append(f"pass deadline {args.deadline_s:.0f} s reached; {queue.qsize()} requests not sent")
         wall = time.perf_counter() - start
     return wall, res
 
 
-def measure(server: Server, send, passes: list[list[list[int]]], warmup: list[int],
-            args: argparse.Namespace) -> list[dict]:  # fmt: skip
+def measure(
+    server: Server, send, passes: list[list[list[int]]], warmup: list[int], args: argparse.Namespace
+) -> list[dict]:
     async def warm() -> None:
         async with httpx.AsyncClient() as client:
             await send(client, server.base, warmup, args.new_tokens, args.req_timeout)
@@ -293,15 +332,28 @@ def measure(server: Server, send, passes: list[list[list[int]]], warmup: list[in
         with CpuMeter(server.proc.pid) as cpu:
             wall, res = asyncio.run(one_pass(send, server.base, prompts, args))
         ok = len(res.latency)
-        rec = {"wall_s": wall, "ok": ok, "errors": len(res.errors), "tok_s": res.tokens / wall, "req_s": ok / wall,
-               "ttft_p50": pct(res.ttft, 50), "ttft_p95": pct(res.ttft, 95), "lat_p50": pct(res.latency, 50),
-               "lat_p95": pct(res.latency, 95), "cpu_server": cpu.server, "cpu_client": cpu.client,
-               "cpu_others": cpu.others}  # fmt: skip
+        rec = {
+            "wall_s": wall,
+            "ok": ok,
+            "errors": len(res.errors),
+            "tok_s": res.tokens / wall,
+            "req_s": ok / wall,
+            "ttft_p50": pct(res.ttft, 50),
+            "ttft_p95": pct(res.ttft, 95),
+            "lat_p50": pct(res.latency, 50),
+            "lat_p95": pct(res.latency, 95),
+            "cpu_server": cpu.server,
+            "cpu_client": cpu.client,
+            "cpu_others": cpu.others,
+        }
         records.append(rec)
-        print(f"  pass {i}: {ok} ok / {len(res.errors)} errors in {wall:.1f} s | {rec['tok_s']:.1f} gen tok/s | "
-              f"{rec['req_s']:.2f} req/s | TTFT p50 {rec['ttft_p50']:.2f} s p95 {rec['ttft_p95']:.2f} s | "
-              f"latency p50 {rec['lat_p50']:.2f} s p95 {rec['lat_p95']:.2f} s | CPU share: server "
-              f"{cpu.server:.0%}, client {cpu.client:.0%}, others {cpu.others:.0%}", flush=True)  # fmt: skip
+        print(
+            f"  pass {i}: {ok} ok / {len(res.errors)} errors in {wall:.1f} s | {rec['tok_s']:.1f} gen tok/s | "
+            f"{rec['req_s']:.2f} req/s | TTFT p50 {rec['ttft_p50']:.2f} s p95 {rec['ttft_p95']:.2f} s | "
+            f"latency p50 {rec['lat_p50']:.2f} s p95 {rec['lat_p95']:.2f} s | CPU share: server "
+            f"{cpu.server:.0%}, client {cpu.client:.0%}, others {cpu.others:.0%}",
+            flush=True,
+        )
         for err in res.errors[:3]:
             print(f"    error: {err}", flush=True)
     return records
@@ -326,15 +378,22 @@ def baseline_versions(python: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 16 clients, 32 requests, 32 new tokens")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
-                        help="ours (the naive server is always float32)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "auto"),
+        help="ours (the naive server is always float32)",
+    )
     parser.add_argument("--concurrency", type=int, default=None, help="concurrent streaming clients (default 64)")
     parser.add_argument("--requests", type=int, default=None, help="requests per pass (default 128)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens per request (default 128)")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes per server (median reported)")
     parser.add_argument("--servers", default="ours,naive", help="which to run: ours, naive or both")
-    parser.add_argument("--naive-python", default=None,
-                        help=f"python for naive_server.py (default {BASELINE_VENV_PYTHON} if present, else this one)")
+    parser.add_argument(
+        "--naive-python",
+        default=None,
+        help=f"python for naive_server.py (default {BASELINE_VENV_PYTHON} if present, else this one)",
+    )
     parser.add_argument("--naive-script", default=str(SHARED / "naive_server.py"))
     parser.add_argument("--req-timeout", type=float, default=2400, help="seconds per request")
     parser.add_argument("--deadline-s", type=float, default=3600, help="seconds per timed pass")
@@ -357,9 +416,12 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     print(machine())
-    print(f"GPT-2-small shape, random weights; {args.concurrency} concurrent streaming clients, {args.requests} "
-          f"requests per pass x {args.repeats} pass(es), prompt {PROMPT_LEN} token ids, {args.new_tokens} generated "
-          f"(forced), greedy; ours DTYPE={args.dtype}, naive float32; {threads} threads each", flush=True)  # fmt: skip
+    print(
+        f"GPT-2-small shape, random weights; {args.concurrency} concurrent streaming clients, {args.requests} "
+        f"requests per pass x {args.repeats} pass(es), prompt {PROMPT_LEN} token ids, {args.new_tokens} generated "
+        f"(forced), greedy; ours DTYPE={args.dtype}, naive float32; {threads} threads each",
+        flush=True,
+    )
     if "naive" in servers:
         print(f"naive server python: {args.naive_python} ({baseline_versions(args.naive_python)})", flush=True)
 
@@ -391,8 +453,10 @@ def main() -> None:
                 print(f"  ready after {server.wait_ready(args.start_timeout):.1f} s", flush=True)
                 if name == "ours":
                     info = httpx.get(server.base + "/v1/models", timeout=10).json()["data"][0]
-                    print(f"  serving {info.get('id')} dtype {info.get('dtype')}, KV budget {kv_bytes / 2**20:.0f} MiB",
-                          flush=True)  # fmt: skip
+                    print(
+                        f"  serving {info.get('id')} dtype {info.get('dtype')}, KV budget {kv_bytes / 2**20:.0f} MiB",
+                        flush=True,
+                    )
                 results[name] = summary(measure(server, send, passes, warmup, args))
             except Exception as exc:
                 print(f"  {name} FAILED: {exc}", flush=True)
@@ -402,27 +466,59 @@ def main() -> None:
                 if server is not None:
                     server.stop()
 
-    print(f"\n{args.concurrency} concurrent clients, {args.requests} requests x {args.repeats} pass(es), prompt "
-          f"{PROMPT_LEN}, {args.new_tokens} generated; medians over passes")  # fmt: skip
-    header = ("server", "gen tok/s", "req/s", "TTFT p50 s", "TTFT p95 s", "e2e p50 s", "e2e p95 s", "errors",
-              "others' CPU")  # fmt: skip
+    print(
+        f"\n{args.concurrency} concurrent clients, {args.requests} requests x {args.repeats} pass(es), prompt "
+        f"{PROMPT_LEN}, {args.new_tokens} generated; medians over passes"
+    )
+    header = (
+        "server",
+        "gen tok/s",
+        "req/s",
+        "TTFT p50 s",
+        "TTFT p95 s",
+        "e2e p50 s",
+        "e2e p95 s",
+        "errors",
+        "others' CPU",
+    )
     print(f"{header[0]:<7}" + "".join(f"{h:>12}" for h in header[1:]))
     for name, r in results.items():
-        cells = [f"{r['tok_s']:.1f}", f"{r['req_s']:.2f}", f"{r['ttft_p50']:.2f}", f"{r['ttft_p95']:.2f}",
-                 f"{r['lat_p50']:.2f}", f"{r['lat_p95']:.2f}", str(r["errors"]), f"{r['cpu_others']:.0%}"]  # fmt: skip
+        cells = [
+            f"{r['tok_s']:.1f}",
+            f"{r['req_s']:.2f}",
+            f"{r['ttft_p50']:.2f}",
+            f"{r['ttft_p95']:.2f}",
+            f"{r['lat_p50']:.2f}",
+            f"{r['lat_p95']:.2f}",
+            str(r["errors"]),
+            f"{r['cpu_others']:.0%}",
+        ]
         print(f"{name:<7}" + "".join(f"{c:>12}" for c in cells))
         if args.json:
             with open(args.json, "a") as f:
-                f.write(json.dumps({"server": name, "dtype": args.dtype if name == "ours" else "float32",
-                                    "concurrency": args.concurrency, "requests": args.requests,
-                                    "new_tokens": args.new_tokens, "prompt_len": PROMPT_LEN, **r}) + "\n")  # fmt: skip
+                f.write(
+                    json.dumps(
+                        {
+                            "server": name,
+                            "dtype": args.dtype if name == "ours" else "float32",
+                            "concurrency": args.concurrency,
+                            "requests": args.requests,
+                            "new_tokens": args.new_tokens,
+                            "prompt_len": PROMPT_LEN,
+                            **r,
+                        }
+                    )
+                    + "\n"
+                )
     if "naive" in results:
         print("naive: no streaming, so its TTFT is the full request latency")
     if {"ours", "naive"} <= results.keys():
         o, n = results["ours"], results["naive"]
-        print(f"ours/naive: generated tok/s {o['tok_s'] / n['tok_s']:.2f}x, req/s {o['req_s'] / n['req_s']:.2f}x; "
-              f"TTFT p50 {o['ttft_p50']:.2f} s vs {n['ttft_p50']:.2f} s ({n['ttft_p50'] / o['ttft_p50']:.1f}x "
-              f"sooner), e2e latency p50 {o['lat_p50']:.2f} s vs {n['lat_p50']:.2f} s")  # fmt: skip
+        print(
+            f"ours/naive: generated tok/s {o['tok_s'] / n['tok_s']:.2f}x, req/s {o['req_s'] / n['req_s']:.2f}x; "
+            f"TTFT p50 {o['ttft_p50']:.2f} s vs {n['ttft_p50']:.2f} s ({n['ttft_p50'] / o['ttft_p50']:.1f}x "
+            f"sooner), e2e latency p50 {o['lat_p50']:.2f} s vs {n['lat_p50']:.2f} s"
+        )
     failed = [s for s in servers if s not in results or results[s]["errors"]]
     if failed:
         print(f"FAILED or with errors: {', '.join(failed)}")

@@ -19,7 +19,7 @@ from transformers import GPT2LMHeadModel
 from service.model import GPT2, BatchLayout, KVCache, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, random_gpt2_small, median_time  # noqa: E402
+from common import machine, median_time, random_gpt2_small  # noqa: E402
 
 
 def our_prefill(model: GPT2, ids: torch.Tensor) -> None:
@@ -56,13 +56,13 @@ def main() -> None:
         long_prompt = torch.randint(0, 50257, (512,))
         short_prompt = torch.randint(0, 50257, (32,))
         rows = []
-        for dt, hf_model in (("float32", hf), ("bfloat16", hf_bf16)):
+        for dt, hf_model in (("float32", hf), ("bfloat16", hf_bf16)):  # each lambda runs at once (no B023 bug)
             torch_dtype = getattr(torch, dt)
-            t_ours = median_time(lambda: our_prefill(ours[dt], long_prompt))
-            t_hf = median_time(lambda: hf_model(long_prompt[None]))
+            t_ours = median_time(lambda: our_prefill(ours[dt], long_prompt))  # noqa: B023
+            t_hf = median_time(lambda: hf_model(long_prompt[None]))  # noqa: B023
             rows.append((f"prefill 512 tokens, {dt}", "tokens/s", 512 / t_ours, 512 / t_hf))
-            t_ours = median_time(lambda: our_greedy(ours[dt], short_prompt, new_tokens, torch_dtype))
-            t_hf = median_time(lambda: hf_greedy(hf_model, short_prompt, new_tokens))
+            t_ours = median_time(lambda: our_greedy(ours[dt], short_prompt, new_tokens, torch_dtype))  # noqa: B023
+            t_hf = median_time(lambda: hf_greedy(hf_model, short_prompt, new_tokens))  # noqa: B023
             rows.append((f"greedy batch 1, 32+{new_tokens}, {dt}", "tokens/s", new_tokens / t_ours, new_tokens / t_hf))
 
     print(f"\n{'measure':<36} {'unit':<9} {'ours':>9} {'HF':>9} {'ours/HF':>8}")

@@ -16,7 +16,19 @@ except metadata.PackageNotFoundError:  # running from a source tree that was nev
     __version__ = "0.0.0+source"
 
 __all__ = [
-    "ArchConfig", "IntegrityError", "InvalidReferenceError", "Lineage", "Manifest", "ModelRef", "ModelStore",
-    "NotFoundError", "StoreError", "StoredVersion", "TokenizerInfo", "UnsupportedModelError", "default_root",
-    "parse_ref", "store_root",
-]  # fmt: skip
+    "ArchConfig",
+    "IntegrityError",
+    "InvalidReferenceError",
+    "Lineage",
+    "Manifest",
+    "ModelRef",
+    "ModelStore",
+    "NotFoundError",
+    "StoreError",
+    "StoredVersion",
+    "TokenizerInfo",
+    "UnsupportedModelError",
+    "default_root",
+    "parse_ref",
+    "store_root",
+]

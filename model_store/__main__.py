@@ -106,15 +106,17 @@ def _list(store: ModelStore, args: argparse.Namespace) -> int:
         for version in versions:
             manifest = store.resolve(f"{name}@{version}").manifest
             labels = sorted(by_version.get(version, [])) + (["latest"] if version == versions[-1] else [])
-            rows.append({
-                "ref": manifest.ref,
-                "aliases": labels,
-                "dtype": manifest.dtype,
-                "parameters": manifest.config.num_parameters,
-                "bytes": sum(f.size for f in manifest.files),
-                "created_at": manifest.created_at,
-                "source": manifest.lineage.hub_id or manifest.lineage.parent or manifest.lineage.source_path,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "ref": manifest.ref,
+                    "aliases": labels,
+                    "dtype": manifest.dtype,
+                    "parameters": manifest.config.num_parameters,
+                    "bytes": sum(f.size for f in manifest.files),
+                    "created_at": manifest.created_at,
+                    "source": manifest.lineage.hub_id or manifest.lineage.parent or manifest.lineage.source_path,
+                }
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -127,10 +129,17 @@ def _list(store: ModelStore, args: argparse.Namespace) -> int:
 def _print_table(rows: list[dict]) -> None:
     header = ("REF", "ALIASES", "DTYPE", "PARAMS", "SIZE", "CREATED", "SOURCE")
     lines = [header] + [
-        (r["ref"], ",".join(r["aliases"]) or "-", r["dtype"], f"{r['parameters'] / 1e6:.1f}M",
-         f"{r['bytes'] / 1e6:.1f}MB", r["created_at"], r["source"] or "-")
+        (
+            r["ref"],
+            ",".join(r["aliases"]) or "-",
+            r["dtype"],
+            f"{r['parameters'] / 1e6:.1f}M",
+            f"{r['bytes'] / 1e6:.1f}MB",
+            r["created_at"],
+            r["source"] or "-",
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for line in lines:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip())
@@ -156,8 +165,14 @@ def _promote(store: ModelStore, args: argparse.Namespace) -> int:
 def _eval(store: ModelStore, args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, evaluate, format_table  # pulls in torch
 
-    config = EvalConfig(text=args.text, qa=args.qa, stride=args.stride, batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens, device=args.device)  # fmt: skip
+    config = EvalConfig(
+        text=args.text,
+        qa=args.qa,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+    )
     stored, results = evaluate(store, args.ref, config)
     if args.record:
         label = args.label or "eval:" + "+".join(r["file"] for r in results.values())

@@ -70,8 +70,9 @@ def token_nll(model, token_ids: list[int], context: int, stride: int, batch_size
     return TokenNLL(total, count)
 
 
-def perplexity(model, tokenizer, text: str, *, stride: int | None = None, batch_size: int = 8,
-               bos_token_id: int | None = None) -> dict[str, Any]:  # fmt: skip
+def perplexity(
+    model, tokenizer, text: str, *, stride: int | None = None, batch_size: int = 8, bos_token_id: int | None = None
+) -> dict[str, Any]:
     """Perplexity (per scored token) and bits per byte (whole NLL over the text's UTF-8 bytes)."""
     context = model.config.n_positions
     stride = stride or max(1, context // 2)
@@ -133,19 +134,32 @@ def greedy_completion(model, tokenizer, prompt: str, max_new_tokens: int, eos_to
     device = next(model.parameters()).device
     inputs = torch.tensor([prompt_ids], device=device)
     output = model.generate(
-        inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=eos_token_id, pad_token_id=eos_token_id if eos_token_id is not None else 0,
-    )  # fmt: skip
+        inputs,
+        attention_mask=torch.ones_like(inputs),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id if eos_token_id is not None else 0,
+    )
     new = [t for t in output[0, len(prompt_ids) :].tolist() if t != eos_token_id]
     return tokenizer.decode(new)
 
 
-def completion_quality(model, tokenizer, examples: list[dict[str, Any]], *, max_new_tokens: int = 32,
-                       stop: tuple[str, ...] = ("\n",), eos_token_id: int | None = None) -> dict[str, Any]:  # fmt: skip
+def completion_quality(
+    model,
+    tokenizer,
+    examples: list[dict[str, Any]],
+    *,
+    max_new_tokens: int = 32,
+    stop: tuple[str, ...] = ("\n",),
+    eos_token_id: int | None = None,
+) -> dict[str, Any]:
     """Mean exact match and token F1 (as fractions) of greedy completions; a list of references scores its best."""
     em = f1 = 0.0
     for example in examples:
-        prediction = cut_at_stop(greedy_completion(model, tokenizer, example["prompt"], max_new_tokens, eos_token_id), stop)
+        prediction = cut_at_stop(
+            greedy_completion(model, tokenizer, example["prompt"], max_new_tokens, eos_token_id), stop
+        )
         references = example["reference"] if isinstance(example["reference"], list) else [example["reference"]]
         em += max(exact_match(prediction, r) for r in references)
         f1 += max(token_f1(prediction, r) for r in references)
@@ -218,11 +232,19 @@ def evaluate(store, ref: str, config: EvalConfig) -> tuple[Any, dict[str, Any]]:
     if config.text is not None:
         text = config.text.read_text(encoding="utf-8")
         bos = info.bos_token_id if info.bos_token_id is not None else info.eos_token_id
-        scores = perplexity(model, tokenizer, text, stride=config.stride, batch_size=config.batch_size, bos_token_id=bos)
+        scores = perplexity(
+            model, tokenizer, text, stride=config.stride, batch_size=config.batch_size, bos_token_id=bos
+        )
         results["text"] = {"file": config.text.name, "sha256": sha256_file(config.text), **scores}
     if config.qa is not None:
-        quality = completion_quality(model, tokenizer, read_qa(config.qa), max_new_tokens=config.max_new_tokens,
-                                     stop=config.stop, eos_token_id=info.eos_token_id)  # fmt: skip
+        quality = completion_quality(
+            model,
+            tokenizer,
+            read_qa(config.qa),
+            max_new_tokens=config.max_new_tokens,
+            stop=config.stop,
+            eos_token_id=info.eos_token_id,
+        )
         results["qa"] = {"file": config.qa.name, "sha256": sha256_file(config.qa), **quality}
     return stored, results
 
@@ -236,13 +258,13 @@ def format_table(ref: str, results: dict[str, Any]) -> str:
             ("bits per byte", f"{t['bits_per_byte']:.4f}"),
             ("tokens scored / bytes", f"{t['num_scored']} / {t['num_bytes']}"),
             ("context / stride", f"{t['context']} / {t['stride']}"),
-        ]  # fmt: skip
+        ]
     if "qa" in results:
         q = results["qa"]
         rows += [
             (f"exact match ({q['file']})", f"{100 * q['exact_match']:.2f}"),
             ("token F1", f"{100 * q['f1']:.2f}"),
             ("examples", str(q["num_examples"])),
-        ]  # fmt: skip
+        ]
     width = max(len(r[0]) for r in rows)
     return "\n".join([ref] + [f"{name.ljust(width)}  {value}" for name, value in rows])

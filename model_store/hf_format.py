@@ -133,7 +133,9 @@ def hf_from_canonical(tensors: dict[str, torch.Tensor], cfg: ArchConfig) -> dict
     return out
 
 
-def load_hf_model(stored: StoredVersion, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "GPT2LMHeadModel":
+def load_hf_model(
+    stored: StoredVersion, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> "GPT2LMHeadModel":
     """A store version as an HF GPT2LMHeadModel in eval mode, for the offline tools (evaluate, fine-tune).
 
     Does not verify hashes: pass a version from `ModelStore.verify`.

@@ -27,9 +27,18 @@ from .registry import ModelStore, StoredVersion
 
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _HUB_CONNECT_TIMEOUT_S = 3.0
-_HUB_METADATA = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                 "chat_template.jinja", "chat_template.json"]  # fmt: skip
+_HUB_METADATA = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+]
 _EOS_FALLBACK = "<|endoftext|>"
 
 
@@ -89,8 +98,9 @@ def _download_from_hub(repo_id: str) -> tuple[Path, Lineage]:
             files = HfApi().list_repo_files(repo_id)
             path = snapshot_download(repo_id, allow_patterns=_hub_patterns(files))
         else:
-            path = snapshot_download(repo_id, allow_patterns=_HUB_METADATA + ["*.safetensors*", "pytorch_model*"],
-                                     local_files_only=True)  # fmt: skip
+            path = snapshot_download(
+                repo_id, allow_patterns=_HUB_METADATA + ["*.safetensors*", "pytorch_model*"], local_files_only=True
+            )
     except Exception as exc:  # the hub client raises many types; all mean "could not get it"
         raise StoreError(_hub_failure(repo_id, online, exc)) from None
     snapshot = Path(path)
@@ -100,8 +110,11 @@ def _download_from_hub(repo_id: str) -> tuple[Path, Lineage]:
 def _hub_patterns(files: list[str]) -> list[str]:
     """Fetch one weight format only: safetensors when the repo has it, else pytorch_model*.bin."""
     has_safetensors = any(f in ("model.safetensors", "model.safetensors.index.json") for f in files)
-    return _HUB_METADATA + (["model*.safetensors", "model.safetensors.index.json"] if has_safetensors
-                            else ["pytorch_model*.bin", "pytorch_model.bin.index.json"])  # fmt: skip
+    return _HUB_METADATA + (
+        ["model*.safetensors", "model.safetensors.index.json"]
+        if has_safetensors
+        else ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+    )
 
 
 def _hub_failure(repo_id: str, online: bool, exc: Exception) -> str:

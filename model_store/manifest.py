@@ -65,13 +65,19 @@ class ArchConfig:
         """
         e, inner = self.n_embd, self.n_inner
         block = {
-            "ln_1.weight": (e,), "ln_1.bias": (e,),
-            "attn.qkv.weight": (3 * e, e), "attn.qkv.bias": (3 * e,),
-            "attn.proj.weight": (e, e), "attn.proj.bias": (e,),
-            "ln_2.weight": (e,), "ln_2.bias": (e,),
-            "mlp.fc.weight": (inner, e), "mlp.fc.bias": (inner,),
-            "mlp.proj.weight": (e, inner), "mlp.proj.bias": (e,),
-        }  # fmt: skip
+            "ln_1.weight": (e,),
+            "ln_1.bias": (e,),
+            "attn.qkv.weight": (3 * e, e),
+            "attn.qkv.bias": (3 * e,),
+            "attn.proj.weight": (e, e),
+            "attn.proj.bias": (e,),
+            "ln_2.weight": (e,),
+            "ln_2.bias": (e,),
+            "mlp.fc.weight": (inner, e),
+            "mlp.fc.bias": (inner,),
+            "mlp.proj.weight": (e, inner),
+            "mlp.proj.bias": (e,),
+        }
         shapes = {"wte.weight": (self.vocab_size, e), "wpe.weight": (self.n_positions, e)}
         for i in range(self.n_layer):
             shapes.update({f"h.{i}.{k}": v for k, v in block.items()})

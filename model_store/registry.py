@@ -20,7 +20,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,7 @@ class ModelStore:
         model_dir = self.root / validate_name(name)
         if not model_dir.is_dir():
             return []
-        return sorted(
-            int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file()
-        )
+        return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file())
 
     def aliases(self, name: str) -> dict[str, int]:
         path = self.root / validate_name(name) / ALIASES_FILE
@@ -289,4 +287,4 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

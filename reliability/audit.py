@@ -117,10 +117,12 @@ def from_pip_audit(reports: list[dict]) -> dict[tuple[str, str], list[Vuln]]:
         for dep in report.get("dependencies", []):
             if "skip_reason" in dep or "version" not in dep:
                 continue
-            looked_up[(canonical(dep["name"]), public(dep["version"]))] = unique([
-                Vuln(v["id"], v.get("aliases", []), v.get("fix_versions", []), v.get("description", ""))
-                for v in dep.get("vulns", [])
-            ])
+            looked_up[(canonical(dep["name"]), public(dep["version"]))] = unique(
+                [
+                    Vuln(v["id"], v.get("aliases", []), v.get("fix_versions", []), v.get("description", ""))
+                    for v in dep.get("vulns", [])
+                ]
+            )
     return looked_up
 
 
@@ -172,6 +174,7 @@ def _safe(lookup):
             return lookup(name)
         except Exception as exc:  # noqa: BLE001 - a package that cannot be looked up stays unaudited
             return exc
+
     return call
 
 
@@ -184,14 +187,18 @@ def verdict(result: list[Package]) -> int:
 def report(result: list[Package], stale: list[dict], reviewed: str) -> str:
     lines = []
     by_how = {how: [p for p in result if p.how == how] for how in ("pip-audit", "pypi-json", "review", "unaudited")}
-    lines.append(f"{len(result)} packages (the pins and the environment): "
-                 f"{len(by_how['pip-audit'])} audited by pip-audit, "
-                 f"{len(by_how['pypi-json'])} by PyPI's project JSON (the latest release), "
-                 f"{len(by_how['review'])} reviewed by hand ({reviewed or 'no review'}), "
-                 f"{len(by_how['unaudited'])} NOT audited")
+    lines.append(
+        f"{len(result)} packages (the pins and the environment): "
+        f"{len(by_how['pip-audit'])} audited by pip-audit, "
+        f"{len(by_how['pypi-json'])} by PyPI's project JSON (the latest release), "
+        f"{len(by_how['review'])} reviewed by hand ({reviewed or 'no review'}), "
+        f"{len(by_how['unaudited'])} NOT audited"
+    )
     found = [(p, v) for p in result for v in p.vulns]
-    lines.append(f"known vulnerabilities: {len(found)}, "
-                 f"{sum(v.id in p.justified for p, v in found)} of them justified in {REVIEW.name}")
+    lines.append(
+        f"known vulnerabilities: {len(found)}, "
+        f"{sum(v.id in p.justified for p, v in found)} of them justified in {REVIEW.name}"
+    )
     for p, v in found:
         fix = ",".join(v.fixed_in) or "no fix released"
         tag = "justified" if v.id in p.justified else "NOT JUSTIFIED"
@@ -236,13 +243,28 @@ def main(out: Path) -> int:
     reports = [json.loads((out / f"{name}.json").read_text()) for name in ("pinned", "venv")]
     data, entries = load_review()
     reviewed = str(data.get("reviewed", ""))
-    result, stale = decide(packages_in(out / "requirements.txt"), from_pip_audit(reports), pypi_project,
-                           entries, reviewed)
+    result, stale = decide(
+        packages_in(out / "requirements.txt"), from_pip_audit(reports), pypi_project, entries, reviewed
+    )
     text = report(result, stale, reviewed)
-    (out / "result.json").write_text(json.dumps(
-        [{"name": p.name, "version": p.version, "how": p.how, "note": p.note,
-          "vulns": [{"id": v.id, "aliases": v.aliases, "fixed_in": v.fixed_in,
-                     "justified": p.justified.get(v.id)} for v in p.vulns]} for p in result], indent=2))
+    (out / "result.json").write_text(
+        json.dumps(
+            [
+                {
+                    "name": p.name,
+                    "version": p.version,
+                    "how": p.how,
+                    "note": p.note,
+                    "vulns": [
+                        {"id": v.id, "aliases": v.aliases, "fixed_in": v.fixed_in, "justified": p.justified.get(v.id)}
+                        for v in p.vulns
+                    ],
+                }
+                for p in result
+            ],
+            indent=2,
+        )
+    )
     print(text)
     return verdict(result)
 

@@ -58,11 +58,21 @@ def build_store(root: Path, seed: int = 0) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
     eos = tok.token_to_id(EOS)
-    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=256, vocab_size=tok.get_vocab_size(),
-                     bos_token_id=eos, eos_token_id=eos, initializer_range=0.2)  # fmt: skip
+    cfg = GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        n_positions=256,
+        vocab_size=tok.get_vocab_size(),
+        bos_token_id=eos,
+        eos_token_id=eos,
+        initializer_range=0.2,
+    )
     torch.manual_seed(seed)
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as src:
@@ -85,8 +95,14 @@ def _harness():
 @contextlib.contextmanager
 def service(store_root: Path, log_path: Path) -> Iterator[str]:
     """`python -m service` on 127.0.0.1 serving tiny@prod from `store_root`; yields its base URL."""
-    settings = {"DTYPE": "float32", "KV_CACHE_MEMORY": "16MiB", "MAX_NUM_BATCHED_TOKENS": "256", "NUM_THREADS": "1",
-                "SEED": "0", "DRAIN_TIMEOUT": "5"}  # fmt: skip
+    settings = {
+        "DTYPE": "float32",
+        "KV_CACHE_MEMORY": "16MiB",
+        "MAX_NUM_BATCHED_TOKENS": "256",
+        "NUM_THREADS": "1",
+        "SEED": "0",
+        "DRAIN_TIMEOUT": "5",
+    }
     with _harness().ServerProcess(store_root, "tiny@prod", settings, log_path) as server:
         server.wait_ready(timeout=120)
         yield server.url
@@ -121,8 +137,11 @@ class Report:
         return not self.failures and self.after.get("healthy", True)
 
     def summary(self) -> str:
-        lines = [f"{self.total} cases in {self.wall_s:.1f} s, {len(self.failures)} failures", "",
-                 f"{'operation':34} {'cases':>6} {'fail':>5} {'slowest':>8}  statuses"]  # fmt: skip
+        lines = [
+            f"{self.total} cases in {self.wall_s:.1f} s, {len(self.failures)} failures",
+            "",
+            f"{'operation':34} {'cases':>6} {'fail':>5} {'slowest':>8}  statuses",
+        ]
         for op in sorted(self.cases):
             fails = sum(f.operation == op for f in self.failures)
             statuses = " ".join(f"{s}:{n}" for s, n in sorted(self.statuses.get(op, {}).items()))
@@ -138,13 +157,23 @@ class Report:
             if key in seen:
                 continue
             seen.add(key)
-            lines += ["", f"FAIL {f.operation} [{f.mode}] {f.kind} (status {f.status}): {f.message.strip()[:600]}",
-                      f"  reproduce: {f.curl[:2000]}"]  # fmt: skip
+            lines += [
+                "",
+                f"FAIL {f.operation} [{f.mode}] {f.kind} (status {f.status}): {f.message.strip()[:600]}",
+                f"  reproduce: {f.curl[:2000]}",
+            ]
         return "\n".join(lines)
 
 
-def run_fuzz(base_url: str, cases: int = 2000, *, timeout: float = 30.0, seed: int = 0,
-             headers: dict[str, str] | None = None, log=print) -> Report:  # fmt: skip
+def run_fuzz(
+    base_url: str,
+    cases: int = 2000,
+    *,
+    timeout: float = 30.0,
+    seed: int = 0,
+    headers: dict[str, str] | None = None,
+    log=print,
+) -> Report:
     """Fuzz every operation of the service at `base_url` with at least `cases` requests in all."""
     import hypothesis
     from hypothesis import HealthCheck, Phase, given
@@ -187,12 +216,20 @@ def run_fuzz(base_url: str, cases: int = 2000, *, timeout: float = 30.0, seed: i
                 case.validate_response(response, checks=checks)
             except FailureGroup as group:
                 for failure in group.exceptions:
-                    report.failures.append(Failure(op, mode.value, type(failure).__name__, status,
-                                                   f"{failure.title}: {failure.message}", curl))  # fmt: skip
+                    report.failures.append(
+                        Failure(
+                            op, mode.value, type(failure).__name__, status, f"{failure.title}: {failure.message}", curl
+                        )
+                    )
 
-        settings = hypothesis.settings(max_examples=examples, deadline=None, database=None,
-                                       phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
-                                       print_blob=False)  # fmt: skip
+        settings = hypothesis.settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+            print_blob=False,
+        )
         test = settings(hypothesis.seed(round_seed)(given(case=operation.as_strategy(generation_mode=mode))(one)))
         try:
             test()
@@ -216,8 +253,10 @@ def run_fuzz(base_url: str, cases: int = 2000, *, timeout: float = 30.0, seed: i
             before = report.cases[operation.label]
             fuzz(operation, GenerationMode.POSITIVE, -(-share // 2), seed + round_)
             fuzz(operation, GenerationMode.NEGATIVE, share // 2, seed + round_)
-            log(f"{operation.label}: {report.cases[operation.label] - before} cases (round {round_ + 1}), "
-                f"{len(report.failures)} failures so far")  # fmt: skip
+            log(
+                f"{operation.label}: {report.cases[operation.label] - before} cases (round {round_ + 1}), "
+                f"{len(report.failures)} failures so far"
+            )
     report.wall_s = time.monotonic() - start
     report.after = service_state(base_url, headers, timeout)
     return report
@@ -229,8 +268,10 @@ def service_state(base_url: str, headers: dict[str, str] | None = None, timeout:
     while True:
         ready = requests.get(base_url + "/ready", headers=headers, timeout=timeout).status_code
         text = requests.get(base_url + "/metrics", headers=headers, timeout=timeout).text
-        gauges = {name: sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"gpt2_serve_{name}{{"))
-                  for name in ("num_requests_running", "num_requests_waiting")}  # fmt: skip
+        gauges = {
+            name: sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"gpt2_serve_{name}{{"))
+            for name in ("num_requests_running", "num_requests_waiting")
+        }
         healthy = ready == 200 and not any(gauges.values())
         if healthy or time.monotonic() > deadline:
             return {"ready": ready, **gauges, "healthy": healthy}
@@ -251,7 +292,9 @@ def error_lines(log_path: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", type=int, default=2000, help="requests to send in all (default 2000)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
@@ -278,9 +321,19 @@ def main(argv: list[str] | None = None) -> int:
     for line in errors[:20]:
         print("LOG ERROR", line[:1000])
     if args.json:
-        args.json.write_text(json.dumps({"cases": report.cases, "total": report.total, "wall_s": report.wall_s,
-                                         "statuses": report.statuses, "after": report.after,
-                                         "failures": [f.__dict__ for f in report.failures]}, indent=2))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "cases": report.cases,
+                    "total": report.total,
+                    "wall_s": report.wall_s,
+                    "statuses": report.statuses,
+                    "after": report.after,
+                    "failures": [f.__dict__ for f in report.failures],
+                },
+                indent=2,
+            )
+        )
     return 0 if report.ok() and not errors else 1
 
 

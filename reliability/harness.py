@@ -38,9 +38,11 @@ GAUGES = ("gpt2_serve_num_requests_running", "gpt2_serve_num_requests_waiting", 
 
 # ---- the model to serve ----------------------------------------------------------------------------------
 
-WORDS = ("the quick brown fox jumps over lazy dog serving language models means batching requests that arrive "
-         "at different times tokens positions and caches every sequence decodes its own position a of to in is "
-         "on for with as by this was from be or are not but have").split()  # fmt: skip
+WORDS = (
+    "the quick brown fox jumps over lazy dog serving language models means batching requests that arrive "
+    "at different times tokens positions and caches every sequence decodes its own position a of to in is "
+    "on for with as by this was from be or are not but have"
+).split()
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
     "Serving language models means batching requests that arrive at different times.",
@@ -70,8 +72,9 @@ def build_tiny_store(root: Path, name: str = "tiny", versions: int = 2) -> str:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
         tok.train_from_iterator(_CORPUS, trainer)
         eos = tok.token_to_id("<|endoftext|>")
         for version in range(1, versions + 1):
@@ -84,8 +87,9 @@ def build_tiny_store(root: Path, name: str = "tiny", versions: int = 2) -> str:
     return f"{name}@prod"
 
 
-def choose_model(model: str | None, store: str | None, workdir: Path, *, tiny: bool = False,
-                 log=print) -> tuple[Path, str]:  # fmt: skip
+def choose_model(
+    model: str | None, store: str | None, workdir: Path, *, tiny: bool = False, log=print
+) -> tuple[Path, str]:
     """(store root, reference) to serve: `model` in `store` (default MODEL_STORE_ROOT, else the repo's
     models/) when given; else the bundled `default@prod` when the repo's store has it (and not `tiny`);
     else a tiny random GPT-2 built in `workdir`."""
@@ -132,8 +136,13 @@ def add_version_copy(root: Path, ref: str) -> str:
             if entry.path != MANIFEST_FILE:
                 (staging.path / entry.path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(stored.path / entry.path, staging.path / entry.path)
-        new = staging.commit(config=m.config, dtype=m.dtype, tokenizer=m.tokenizer,
-                             lineage=Lineage(source="copy", parent=m.ref), metrics={})  # fmt: skip
+        new = staging.commit(
+            config=m.config,
+            dtype=m.dtype,
+            tokenizer=m.tokenizer,
+            lineage=Lineage(source="copy", parent=m.ref),
+            metrics={},
+        )
     return new.ref
 
 
@@ -167,17 +176,39 @@ class ServerProcess:
     """`python -m service` (or `python *argv`) on 127.0.0.1 and a free port, output in a log file, in its own
     session; `stop()` (SIGTERM, then SIGKILL) always ends it."""
 
-    def __init__(self, root: Path, ref: str, settings: dict[str, object], log: Path, *,
-                 argv: list[str] | None = None, extra_env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        ref: str,
+        settings: dict[str, object],
+        log: Path,
+        *,
+        argv: list[str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log = log
-        env = {**os.environ, "MODEL": ref, "MODEL_STORE_ROOT": str(root), "HOST": HOST, "PORT": str(self.port),
-               **{k: str(v) for k, v in settings.items()}, **(extra_env or {})}  # fmt: skip
+        env = {
+            **os.environ,
+            "MODEL": ref,
+            "MODEL_STORE_ROOT": str(root),
+            "HOST": HOST,
+            "PORT": str(self.port),
+            **{k: str(v) for k, v in settings.items()},
+            **(extra_env or {}),
+        }
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, *(argv or ["-m", "service"])], env=env, cwd=REPO, stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, *(argv or ["-m", "service"])],
+                env=env,
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
@@ -260,8 +291,12 @@ async def wait_idle(client: httpx.AsyncClient, timeout: float = 30.0) -> tuple[b
 async def model_info(client: httpx.AsyncClient) -> dict:
     card = (await client.get("/v1/models")).json()["data"][0]
     tok = (await client.get("/tokenizer_info")).json()
-    return {"id": card["id"], "max_model_len": card["max_model_len"], "vocab_size": tok["vocab_size"],
-            "eos_token_id": tok["eos_token_id"]}  # fmt: skip
+    return {
+        "id": card["id"],
+        "max_model_len": card["max_model_len"],
+        "vocab_size": tok["vocab_size"],
+        "eos_token_id": tok["eos_token_id"],
+    }
 
 
 # ---- requests ----------------------------------------------------------------------------------------------
@@ -332,8 +367,10 @@ def mixed_request(rng: random.Random, info: dict, *, abort_fraction: float = 0.1
     context + continuations, rolling). `abort_fraction` of the streams hang up after 1-3 events."""
     max_len, vocab, eos = info["max_model_len"], info["vocab_size"], info["eos_token_id"]
     max_new = min(max_new, max_len // 4)
-    kind = rng.choices(["completion", "completion_stream", "chat", "chat_stream", "score_text", "score_cont",
-                        "score_rolling"], weights=[30, 25, 10, 10, 8, 9, 8])[0]  # fmt: skip
+    kind = rng.choices(
+        ["completion", "completion_stream", "chat", "chat_stream", "score_text", "score_cont", "score_rolling"],
+        weights=[30, 25, 10, 10, 8, 9, 8],
+    )[0]
     stream = kind.endswith("_stream")
     abort_after = rng.randint(1, 3) if stream and rng.random() < abort_fraction else None
     if kind.startswith("completion"):
@@ -365,11 +402,17 @@ def mixed_request(rng: random.Random, info: dict, *, abort_fraction: float = 0.1
         return Spec(kind, "/v1/score", {"text": texts, "top_logprobs": top}, expect=len(texts))
     if kind == "score_cont":
         conts = [" " + _words(rng, 1, 5) for _ in range(rng.randint(1, 3))]
-        return Spec(kind, "/v1/score", {"context": _words(rng, 3, 20), "continuations": conts, "top_logprobs": top},
-                    expect=len(conts))  # fmt: skip
+        return Spec(
+            kind,
+            "/v1/score",
+            {"context": _words(rng, 3, 20), "continuations": conts, "top_logprobs": top},
+            expect=len(conts),
+        )
     # rolling: about 1.2-2.4 contexts of text in windows of half a context (2 to 4 windows); ~1.5 tokens a word
     words = int(max_len * rng.uniform(1.2, 2.4) / 1.5)
-    return Spec(kind, "/v1/score", {"text": _words(rng, words, words), "rolling": True, "stride": max_len // 2}, expect=1)
+    return Spec(
+        kind, "/v1/score", {"text": _words(rng, words, words), "rolling": True, "stride": max_len // 2}, expect=1
+    )
 
 
 def fixed_request(rng: random.Random, info: dict, prompt_len: int, new_tokens: int, spread: float = 0.0) -> Spec:
@@ -442,8 +485,12 @@ async def execute(client: httpx.AsyncClient, spec: Spec, t0: float, timeout: flo
             if not spec.stream:
                 r = await client.post(spec.path, json=spec.body)
                 if r.status_code == 429:
-                    return result("429" if "retry-after" in r.headers else "error", 429,
-                                  "" if "retry-after" in r.headers else "429 without Retry-After", r.headers)  # fmt: skip
+                    return result(
+                        "429" if "retry-after" in r.headers else "error",
+                        429,
+                        "" if "retry-after" in r.headers else "429 without Retry-After",
+                        r.headers,
+                    )
                 if r.status_code != 200:
                     return result(_error_outcome(r.status_code), r.status_code, r.text[:300])
                 problem = _check_body(spec, r.json())
@@ -476,10 +523,21 @@ class LoadReport:
     rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, KiB)
 
 
-async def drive(url: str, clients: int, duration: float, make: Callable[[random.Random], Spec], *,
-                max_requests: int = 1_000_000, seed: int = 0, retry_pause: tuple[float, float] | None = None,
-                request_timeout: float = 120.0, server: ServerProcess | None = None, stagger: float = 0.0,
-                rss_every: float = 1.0, report: LoadReport | None = None) -> LoadReport:  # fmt: skip
+async def drive(
+    url: str,
+    clients: int,
+    duration: float,
+    make: Callable[[random.Random], Spec],
+    *,
+    max_requests: int = 1_000_000,
+    seed: int = 0,
+    retry_pause: tuple[float, float] | None = None,
+    request_timeout: float = 120.0,
+    server: ServerProcess | None = None,
+    stagger: float = 0.0,
+    rss_every: float = 1.0,
+    report: LoadReport | None = None,
+) -> LoadReport:
     """`clients` closed-loop clients send `make(rng)` requests until `duration` seconds have passed or
     `max_requests` were sent; a client that got 429 waits before its next request, as told by Retry-After
     (times a random factor in [0.5, 1.5], so retries spread), or for a random time in `retry_pause`.
@@ -492,6 +550,7 @@ async def drive(url: str, clients: int, duration: float, make: Callable[[random.
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
 
     async with httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits) as client:
+
         async def worker(i: int) -> None:
             nonlocal sent
             rng = random.Random(seed * 100_003 + i)
@@ -502,7 +561,9 @@ async def drive(url: str, clients: int, duration: float, make: Callable[[random.
                 res = await execute(client, make(rng), t0, request_timeout)
                 report.results.append(res)
                 if res.outcome == "429":
-                    pause = rng.uniform(*retry_pause) if retry_pause else (res.retry_after or 1.0) * rng.uniform(0.5, 1.5)
+                    pause = (
+                        rng.uniform(*retry_pause) if retry_pause else (res.retry_after or 1.0) * rng.uniform(0.5, 1.5)
+                    )
                     await asyncio.sleep(pause)
 
         async def sample_rss() -> None:
@@ -541,13 +602,21 @@ def summarize(results: list[Result], duration: float) -> dict:
     ok = [r.latency for r in results if r.outcome == "ok"]
     rejected = [r.latency for r in results if r.outcome == "429"]
     return {
-        "sent": len(results), "completed": count("ok"), "rejected_429": count("429"), "client_aborts": count("client_abort"),
-        "5xx": count("5xx"), "other_errors": count("error"), "duration_s": round(duration, 1),
-        "latency_p50_s": pct(ok, 50), "latency_p95_s": pct(ok, 95), "latency_max_s": max(ok, default=math.nan),
-        "latency_429_p50_ms": pct(rejected, 50) * 1000, "latency_429_p95_ms": pct(rejected, 95) * 1000,
+        "sent": len(results),
+        "completed": count("ok"),
+        "rejected_429": count("429"),
+        "client_aborts": count("client_abort"),
+        "5xx": count("5xx"),
+        "other_errors": count("error"),
+        "duration_s": round(duration, 1),
+        "latency_p50_s": pct(ok, 50),
+        "latency_p95_s": pct(ok, 95),
+        "latency_max_s": max(ok, default=math.nan),
+        "latency_429_p50_ms": pct(rejected, 50) * 1000,
+        "latency_429_p95_ms": pct(rejected, 95) * 1000,
         "latency_429_max_ms": max(rejected, default=math.nan) * 1000,
         "by_kind": {k: sum(1 for r in results if r.kind == k) for k in sorted({r.kind for r in results})},
-    }  # fmt: skip
+    }
 
 
 def rss_growth(samples: list[tuple[float, int]], duration: float) -> dict:
@@ -561,9 +630,15 @@ def rss_growth(samples: list[tuple[float, int]], duration: float) -> dict:
     start_w = [kib for t, kib in samples if warmup <= t <= warmup + window] or [samples[-1][1]]
     end_w = [kib for t, kib in samples if t >= samples[-1][0] - window]
     start, end = pct(start_w, 50), pct(end_w, 50)
-    return {"warmup_s": round(warmup, 1), "window_s": round(window, 1), "rss_first_mib": samples[0][1] / 1024,
-            "rss_start_mib": start / 1024, "rss_end_mib": end / 1024, "rss_peak_mib": max(k for _, k in samples) / 1024,
-            "rss_growth_pct": 100.0 * (end - start) / start}  # fmt: skip
+    return {
+        "warmup_s": round(warmup, 1),
+        "window_s": round(window, 1),
+        "rss_first_mib": samples[0][1] / 1024,
+        "rss_start_mib": start / 1024,
+        "rss_end_mib": end / 1024,
+        "rss_peak_mib": max(k for _, k in samples) / 1024,
+        "rss_growth_pct": 100.0 * (end - start) / start,
+    }
 
 
 def failures(results: list[Result], outcomes: tuple[str, ...] = ("5xx", "error"), limit: int = 3) -> list[str]:
@@ -640,20 +715,28 @@ def stream_ending(out: dict) -> str:
     return "bad: no final chunk"
 
 
-def sigterm_streams(server: ServerProcess, streams: int, drain_timeout: float, seed: int = 0) -> tuple[dict, list[Check]]:
+def sigterm_streams(
+    server: ServerProcess, streams: int, drain_timeout: float, seed: int = 0
+) -> tuple[dict, list[Check]]:
     """(a) Start `streams` streams (half to half the context, half to all of it) on a server started with
-    DRAIN_TIMEOUT = `drain_timeout` that admits them all (MAX_NUM_SEQS + MAX_WAITING_REQUESTS >= streams);
-    once each has started (admitted: running or waiting), SIGTERM the server. Every stream must end with its final chunk or an error event, then [DONE], within
-    DRAIN_TIMEOUT (+2 s); a new request meanwhile gets 503; the exit status is 0."""
+    DRAIN_TIMEOUT = `drain_timeout` that admits them all (MAX_NUM_SEQS + MAX_WAITING_REQUESTS >= streams); once each has
+    started (admitted: running or waiting), SIGTERM the server. Every stream must end with its final chunk or an error
+    event, then [DONE], within DRAIN_TIMEOUT (+2 s); a new request meanwhile gets 503; the exit status is 0."""
     info = asyncio.run(_info(server.url))
     rng = random.Random(seed)
     outs: list[dict] = [{} for _ in range(streams)]
     admitted = [threading.Event() for _ in range(streams)]
     threads = []
     for i in range(streams):
-        body = {"prompt": [_token(rng, info["vocab_size"], info["eos_token_id"]) for _ in range(8)],
-                "max_tokens": info["max_model_len"] // (2 if i % 2 == 0 else 1) - 8, "ignore_eos": True, "stream": True}  # fmt: skip
-        threads.append(threading.Thread(target=_stream_until_end, args=(server.url, body, admitted[i], outs[i]), daemon=True))
+        body = {
+            "prompt": [_token(rng, info["vocab_size"], info["eos_token_id"]) for _ in range(8)],
+            "max_tokens": info["max_model_len"] // (2 if i % 2 == 0 else 1) - 8,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        threads.append(
+            threading.Thread(target=_stream_until_end, args=(server.url, body, admitted[i], outs[i]), daemon=True)
+        )
     for t in threads:
         t.start()
     for e in admitted:
@@ -679,10 +762,18 @@ def sigterm_streams(server: ServerProcess, streams: int, drain_timeout: float, s
     endings = [stream_ending(o) for o in outs]
     late = [round(o["end"] - t_sig, 2) for o in outs if o["end"] - t_sig > drain_timeout + 2]
     bad = [e for e in endings if e.startswith("bad")]
-    fig = {"streams": streams, "in_flight_at_sigterm": in_flight, "drain_timeout_s": drain_timeout,
-           "finished": endings.count("done"), "cut_with_error_event": endings.count("error"), "bad": bad[:3],
-           "last_stream_end_s": round(max(o["end"] for o in outs) - t_sig, 2), "exit_code": code,
-           "exit_after_s": round(t_exit - t_sig, 2), "new_request_while_draining": refused}  # fmt: skip
+    fig = {
+        "streams": streams,
+        "in_flight_at_sigterm": in_flight,
+        "drain_timeout_s": drain_timeout,
+        "finished": endings.count("done"),
+        "cut_with_error_event": endings.count("error"),
+        "bad": bad[:3],
+        "last_stream_end_s": round(max(o["end"] for o in outs) - t_sig, 2),
+        "exit_code": code,
+        "exit_after_s": round(t_exit - t_sig, 2),
+        "new_request_while_draining": refused,
+    }
     checks = [
         ("(a) every stream was admitted and in flight at SIGTERM", in_flight == streams, f"{in_flight}/{streams}"),
         ("(a) every stream ended with its final chunk or an error event, then [DONE]", not bad, str(bad[:3])),
@@ -708,16 +799,26 @@ STAGES = {
 
 
 def model_store_cli(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model_store", "--root", str(root), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "model_store", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def kill_export_at(root: Path, name: str, argv: list[str], stage: str, timeout: float = 600) -> dict:
     """Run `python -m model_store finetune argv`; the moment its staging directory reaches `stage`, freeze it
     (SIGSTOP, so the kill lands exactly there) and kill -9 it. `hit`: the kill landed inside the export."""
     staging_root = root / ".staging"
-    proc = subprocess.Popen([sys.executable, "-m", "model_store", "--root", str(root), "finetune", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "model_store", "--root", str(root), "finetune", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     reached = STAGES[stage]
     deadline = time.monotonic() + timeout
     hit = None
@@ -735,12 +836,18 @@ def kill_export_at(root: Path, name: str, argv: list[str], stage: str, timeout: 
     finally:
         proc.kill()  # SIGKILL, i.e. kill -9
         _, err = proc.communicate(timeout=60)
-    return {"stage": stage, "hit": hit is not None, "rc": proc.returncode,
-            "staging_left": hit is not None and hit.exists(), "stderr": err[-400:]}  # fmt: skip
+    return {
+        "stage": stage,
+        "hit": hit is not None,
+        "rc": proc.returncode,
+        "staging_left": hit is not None and hit.exists(),
+        "stderr": err[-400:],
+    }
 
 
-def finetune_kill(root: Path, ref: str, workdir: Path, stages: list[str], seed: int = 0,
-                  finish: bool = True) -> tuple[dict, list[Check]]:  # fmt: skip
+def finetune_kill(
+    root: Path, ref: str, workdir: Path, stages: list[str], seed: int = 0, finish: bool = True
+) -> tuple[dict, list[Check]]:
     """(b) In a store `root` holding `ref` (a copy: it is written to), kill -9 `python -m model_store finetune`
     during its export at each of `stages` (the first run trains 2 steps; later ones `--resume` it), then
     let a `--resume` finish. After every kill `list` must be unchanged and `verify` pass for every
@@ -752,8 +859,28 @@ def finetune_kill(root: Path, ref: str, workdir: Path, stages: list[str], seed: 
     data.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(60)) + "\n")
     run_dir = workdir / "ft-run"
     before = model_store_cli(root, "list", "--json").stdout
-    first = [ref, "--data", str(data), "--steps", "2", "--batch-size", "2", "--block-size", "32", "--checkpoint-every", "1",
-             "--eval-every", "2", "--run-dir", str(run_dir), "--name", name, "--alias", "candidate", "--no-progress"]  # fmt: skip
+    first = [
+        ref,
+        "--data",
+        str(data),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "32",
+        "--checkpoint-every",
+        "1",
+        "--eval-every",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--name",
+        name,
+        "--alias",
+        "candidate",
+        "--no-progress",
+    ]
     resume = ["--resume", "--run-dir", str(run_dir), "--name", name, "--alias", "candidate", "--no-progress"]
     kills, checks = [], []
     for stage in stages:
@@ -766,10 +893,15 @@ def finetune_kill(root: Path, ref: str, workdir: Path, stages: list[str], seed: 
         k["list_unchanged"] = listing == before
         k["verify"] = {v: model_store_cli(root, "verify", v).returncode for v in versions}
         kills.append(k)
-        checks += [(f"(b) kill -9 at {stage}: landed inside the export", k["hit"], "" if k["hit"] else k["stderr"][-200:]),
-                   (f"(b) kill -9 at {stage}: `list` unchanged", k["list_unchanged"], ""),
-                   (f"(b) kill -9 at {stage}: `verify` passes for every version",
-                    bool(k["verify"]) and all(rc == 0 for rc in k["verify"].values()), str(k["verify"]))]  # fmt: skip
+        checks += [
+            (f"(b) kill -9 at {stage}: landed inside the export", k["hit"], "" if k["hit"] else k["stderr"][-200:]),
+            (f"(b) kill -9 at {stage}: `list` unchanged", k["list_unchanged"], ""),
+            (
+                f"(b) kill -9 at {stage}: `verify` passes for every version",
+                bool(k["verify"]) and all(rc == 0 for rc in k["verify"].values()),
+                str(k["verify"]),
+            ),
+        ]
     if not finish:
         return {"kills": kills}, checks
     done = model_store_cli(root, "finetune", *resume)
@@ -777,13 +909,19 @@ def finetune_kill(root: Path, ref: str, workdir: Path, stages: list[str], seed: 
     verify_new = model_store_cli(root, "verify", new_ref).returncode if new_ref else None
     leftovers = sorted(p.name for p in (root / ".staging").iterdir()) if (root / ".staging").is_dir() else []
     fig = {"kills": kills, "resume_published": new_ref, "resume_verify_rc": verify_new, "staging_leftovers": leftovers}
-    checks.append(("(b) a --resume afterwards publishes a complete, verified version; no staging left",
-                   new_ref is not None and verify_new == 0 and not leftovers, (done.stderr or "")[-300:] if new_ref is None else ""))  # fmt: skip
+    checks.append(
+        (
+            "(b) a --resume afterwards publishes a complete, verified version; no staging left",
+            new_ref is not None and verify_new == 0 and not leftovers,
+            (done.stderr or "")[-300:] if new_ref is None else "",
+        )
+    )
     return fig, checks
 
 
-def engine_fault(server: ServerProcess, trigger: Path, concurrency: int, seed: int = 0,
-                 settle: float = 20.0) -> tuple[dict, list[Check]]:  # fmt: skip
+def engine_fault(
+    server: ServerProcess, trigger: Path, concurrency: int, seed: int = 0, settle: float = 20.0
+) -> tuple[dict, list[Check]]:
     """(e) On a server started with FAULTY_SERVER (RELIABILITY_FAULT_TRIGGER=`trigger`) and MAX_NUM_SEQS >=
     `concurrency`: `concurrency` long requests (half streaming) run, then the next engine step raises.
     Every one must get an explicit error (a 5xx, or a stream's error event); then, for up to `settle`
@@ -796,9 +934,17 @@ def engine_fault(server: ServerProcess, trigger: Path, concurrency: int, seed: i
             rng = random.Random(seed)
 
             def long(stream: bool) -> Spec:
-                return Spec("completion", "/v1/completions", {
-                    "prompt": [_token(rng, info["vocab_size"], info["eos_token_id"]) for _ in range(8)],
-                    "max_tokens": info["max_model_len"] - 8, "ignore_eos": True, "stream": stream}, stream)  # fmt: skip
+                return Spec(
+                    "completion",
+                    "/v1/completions",
+                    {
+                        "prompt": [_token(rng, info["vocab_size"], info["eos_token_id"]) for _ in range(8)],
+                        "max_tokens": info["max_model_len"] - 8,
+                        "ignore_eos": True,
+                        "stream": stream,
+                    },
+                    stream,
+                )
 
             t0 = time.monotonic()
             tasks = [asyncio.ensure_future(execute(client, long(i % 2 == 0), t0, 120)) for i in range(concurrency)]
@@ -815,7 +961,9 @@ def engine_fault(server: ServerProcess, trigger: Path, concurrency: int, seed: i
                     ready = (await client.get("/ready", timeout=5)).status_code
                 except httpx.HTTPError:
                     ready = None
-                probe = await execute(client, Spec("completion", "/v1/completions", {"prompt": "x", "max_tokens": 2}), t0, 30)
+                probe = await execute(
+                    client, Spec("completion", "/v1/completions", {"prompt": "x", "max_tokens": 2}), t0, 30
+                )
                 probes.append((ready, probe.outcome))
                 ready_while_failing += ready == 200 and probe.outcome != "ok"
                 await asyncio.sleep(0.2)
@@ -828,15 +976,26 @@ def engine_fault(server: ServerProcess, trigger: Path, concurrency: int, seed: i
         code = None
     outcomes = [r.outcome for r in results]
     serving = code is None and bool(probes) and probes[-1] == (200, "ok")
-    fig = {"requests_in_flight": len(results), "their_outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
-           "then": "exited" if code is not None else "kept serving" if serving else "neither",
-           "exit_code": code, "ready_200_while_failing": ready_while_failing, "settled_after_s": round(settled, 2),
-           "errors_seen": sorted({r.detail[:100] for r in results})[:2]}  # fmt: skip
+    fig = {
+        "requests_in_flight": len(results),
+        "their_outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
+        "then": "exited" if code is not None else "kept serving" if serving else "neither",
+        "exit_code": code,
+        "ready_200_while_failing": ready_while_failing,
+        "settled_after_s": round(settled, 2),
+        "errors_seen": sorted({r.detail[:100] for r in results})[:2],
+    }
     checks = [
-        ("(e) every request in flight got an explicit error (5xx, or an error event)", all(o == "5xx" for o in outcomes),
-         str(fig["their_outcomes"])),
-        ("(e) then the service exits non-zero or keeps serving", code not in (None, 0) or serving,
-         f"exit {code}, last probes {probes[-3:]}"),
+        (
+            "(e) every request in flight got an explicit error (5xx, or an error event)",
+            all(o == "5xx" for o in outcomes),
+            str(fig["their_outcomes"]),
+        ),
+        (
+            "(e) then the service exits non-zero or keeps serving",
+            code not in (None, 0) or serving,
+            f"exit {code}, last probes {probes[-3:]}",
+        ),
         ("(e) never /ready 200 while requests fail", ready_while_failing == 0, f"{ready_while_failing} probes"),
-    ]  # fmt: skip
+    ]
     return fig, checks

@@ -1,9 +1,9 @@
 """The long reliability suites: `python -m service` as operators run it, under load and under faults.
 
-    .venv/bin/python -m reliability.run soak --duration 1200      # mixed traffic at 2x the admitted concurrency
-    .venv/bin/python -m reliability.run overload                  # baseline at C, then 4x C, then recovery
-    .venv/bin/python -m reliability.run faults                    # SIGTERM, kill -9 export, corrupt weights, reload, engine fault
-    .venv/bin/python -m reliability.run all                       # the three, one after the other
+    .venv/bin/python -m reliability.run soak --duration 1200  # mixed traffic at 2x the admitted concurrency
+    .venv/bin/python -m reliability.run overload  # baseline at C, then 4x C, then recovery
+    .venv/bin/python -m reliability.run faults    # SIGTERM, kill -9 export, corrupt weights, reload, engine fault
+    .venv/bin/python -m reliability.run all       # the three, one after the other
 
 Common options: --model REF [--store DIR] (default: the bundled default@prod when models/ has it, else a
 tiny random GPT-2 built in a temporary store), --concurrency C (the admitted concurrency, MAX_NUM_SEQS;
@@ -21,11 +21,11 @@ summary table and PASS/FAIL per check, and the process exits 1 if any check fail
   RSS (VmRSS, sampled every second) grows < 10% from the end of warm-up (the first 10% of the run, at
   least 60 s, at most half) to the end, each the median of a window of 10% of the run (at least 5 s).
 - overload: C clients for --baseline-duration (latency baseline at exactly the admitted concurrency), then
-  4C clients for --overload-duration, all sending the same shape of request (non-streaming, random prompt
-  ids, 32 generated tokens +-50% so that the clients do not run in lockstep, started within 1 s; a refused
-  client waits as Retry-After says, times 0.5-1.5, or --retry-pause-min/max seconds). Pass: the excess gets 429 with Retry-After with p95 client-side
-  latency <= 50 ms; admitted requests' p95 <= 1.5x the baseline p95; no 5xx or other error; right after the
-  load stops a single request succeeds within 1.5x the baseline p95; the gauges return to 0.
+  4C clients for --overload-duration, all sending the same shape of request (non-streaming, random prompt ids, 32
+  generated tokens +-50% so that the clients do not run in lockstep, started within 1 s; a refused client waits as
+  Retry-After says, times 0.5-1.5, or --retry-pause-min/max seconds). Pass: the excess gets 429 with Retry-After with
+  p95 client-side latency <= 50 ms; admitted requests' p95 <= 1.5x the baseline p95; no 5xx or other error; right after
+  the load stops a single request succeeds within 1.5x the baseline p95; the gauges return to 0.
 - faults: (a) SIGTERM with 32 streams in flight: each ends with `data: [DONE]` after its final chunk or an
   explicit error event, within DRAIN_TIMEOUT (+2 s), and the exit status is 0; (b) `kill -9` of
   `python -m model_store finetune` during its export (frozen with SIGSTOP the moment its staging directory
@@ -70,12 +70,18 @@ class Suite:
         return bool(self.checks) and all(ok for _, ok, _ in self.checks)
 
     def report(self) -> str:
-        lines = [f"  {'PASS' if ok else 'FAIL'}  {name}" + (f"  ({detail})" if detail else "") for name, ok, detail in self.checks]
+        lines = [
+            f"  {'PASS' if ok else 'FAIL'}  {name}" + (f"  ({detail})" if detail else "")
+            for name, ok, detail in self.checks
+        ]
         return "\n".join(lines + [f"{self.name}: {'PASS' if self.passed else 'FAIL'}"])
 
     def as_dict(self) -> dict:
-        return {"passed": self.passed, "checks": [{"name": n, "passed": ok, "detail": d} for n, ok, d in self.checks],
-                "figures": self.figures}  # fmt: skip
+        return {
+            "passed": self.passed,
+            "checks": [{"name": n, "passed": ok, "detail": d} for n, ok, d in self.checks],
+            "figures": self.figures,
+        }
 
 
 @dataclass
@@ -108,12 +114,29 @@ def kv_budget(root: Path, ref: str, sequences: int, dtype: str) -> str:
 
 
 def load_table(title: str, fig: dict) -> str:
-    rows = [("requests sent", fig["sent"]), ("completed", fig["completed"]), ("429s", fig["rejected_429"]),
-            ("client aborts", fig["client_aborts"]), ("5xx", fig["5xx"]), ("other errors", fig["other_errors"]),
-            ("latency p50 / p95 / max (s)", f"{fig['latency_p50_s']:.3f} / {fig['latency_p95_s']:.3f} / {fig['latency_max_s']:.3f}"),
-            ("429 latency p50 / p95 / max (ms)", f"{fig['latency_429_p50_ms']:.1f} / {fig['latency_429_p95_ms']:.1f} / {fig['latency_429_max_ms']:.1f}")]  # fmt: skip
+    rows = [
+        ("requests sent", fig["sent"]),
+        ("completed", fig["completed"]),
+        ("429s", fig["rejected_429"]),
+        ("client aborts", fig["client_aborts"]),
+        ("5xx", fig["5xx"]),
+        ("other errors", fig["other_errors"]),
+        (
+            "latency p50 / p95 / max (s)",
+            f"{fig['latency_p50_s']:.3f} / {fig['latency_p95_s']:.3f} / {fig['latency_max_s']:.3f}",
+        ),
+        (
+            "429 latency p50 / p95 / max (ms)",
+            f"{fig['latency_429_p50_ms']:.1f} / {fig['latency_429_p95_ms']:.1f} / {fig['latency_429_max_ms']:.1f}",
+        ),
+    ]
     if "rss_start_mib" in fig:
-        rows.append(("RSS start / end / growth", f"{fig['rss_start_mib']:.1f} MiB / {fig['rss_end_mib']:.1f} MiB / {fig['rss_growth_pct']:+.2f}%"))
+        rows.append(
+            (
+                "RSS start / end / growth",
+                f"{fig['rss_start_mib']:.1f} MiB / {fig['rss_end_mib']:.1f} MiB / {fig['rss_growth_pct']:+.2f}%",
+            )
+        )
     rows.append(("duration (s)", fig["duration_s"]))
     return h.table(title, rows)
 
@@ -125,36 +148,64 @@ def soak(ctx: Context) -> Suite:
     a = ctx.args
     suite = Suite("soak")
     c, w = a.concurrency, a.max_waiting or max(2, a.concurrency // 2)
-    settings = ctx.settings(max_num_seqs=c, max_waiting_requests=w, max_n=2,
-                            kv_cache_memory=a.kv_cache_memory or kv_budget(ctx.root, ctx.ref, 2 * (c + w), a.dtype))  # fmt: skip
+    settings = ctx.settings(
+        max_num_seqs=c,
+        max_waiting_requests=w,
+        max_n=2,
+        kv_cache_memory=a.kv_cache_memory or kv_budget(ctx.root, ctx.ref, 2 * (c + w), a.dtype),
+    )
     with h.ServerProcess(ctx.root, ctx.ref, settings, ctx.log("soak")) as server:
-        print(f"soak: {ctx.ref}, MAX_NUM_SEQS={c}, MAX_WAITING_REQUESTS={w}, {2 * c} clients, {a.duration:.0f} s "
-              f"(server pid {server.pid}, ready in {server.wait_ready():.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"soak: {ctx.ref}, MAX_NUM_SEQS={c}, MAX_WAITING_REQUESTS={w}, {2 * c} clients, {a.duration:.0f} s "
+            f"(server pid {server.pid}, ready in {server.wait_ready():.1f} s)",
+            flush=True,
+        )
 
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
                 info = await h.model_info(client)
-                report = await h.drive(server.url, 2 * c, a.duration, lambda rng: h.mixed_request(rng, info),
-                                       max_requests=a.max_requests, seed=a.seed, server=server)  # fmt: skip
+                report = await h.drive(
+                    server.url,
+                    2 * c,
+                    a.duration,
+                    lambda rng: h.mixed_request(rng, info),
+                    max_requests=a.max_requests,
+                    seed=a.seed,
+                    server=server,
+                )
                 idle = await h.wait_idle(client, timeout=60)
                 return info, report, idle
 
         info, report, (idle, gauges, idle_s) = asyncio.run(main())
-        suite.figures = {**h.summarize(report.results, report.duration), **h.rss_growth(report.rss, report.duration),
-                         "model": info["id"], "clients": 2 * c, "max_num_seqs": c, "max_waiting_requests": w,
-                         "idle_after_s": round(idle_s, 2), "gauges_after": gauges, "rss_samples": report.rss}  # fmt: skip
+        suite.figures = {
+            **h.summarize(report.results, report.duration),
+            **h.rss_growth(report.rss, report.duration),
+            "model": info["id"],
+            "clients": 2 * c,
+            "max_num_seqs": c,
+            "max_waiting_requests": w,
+            "idle_after_s": round(idle_s, 2),
+            "gauges_after": gauges,
+            "rss_samples": report.rss,
+        }
         alive = server.proc.poll() is None
         code = server.stop(timeout=60)
     fig = suite.figures
     print(load_table(f"soak ({fig['model']}, {2 * c} clients)", fig))
     suite.check("requests were sent and completed", fig["completed"] > 0, f"{fig['completed']} of {fig['sent']}")
     suite.check("no 5xx", fig["5xx"] == 0, "; ".join(h.failures(report.results, ("5xx",))))
-    suite.check("no other errors (every request completed, got 429 or was aborted by its client)",
-                fig["other_errors"] == 0, "; ".join(h.failures(report.results, ("error",))))  # fmt: skip
+    suite.check(
+        "no other errors (every request completed, got 429 or was aborted by its client)",
+        fig["other_errors"] == 0,
+        "; ".join(h.failures(report.results, ("error",))),
+    )
     suite.check("running/waiting gauges and KV usage back to 0", idle, f"after {idle_s:.1f} s: {gauges}")
     growth = fig["rss_growth_pct"]
-    suite.check("RSS growth after warm-up < 10%", growth < 10.0,
-                f"{fig['rss_start_mib']:.1f} -> {fig['rss_end_mib']:.1f} MiB, {growth:+.2f}%")  # fmt: skip
+    suite.check(
+        "RSS growth after warm-up < 10%",
+        growth < 10.0,
+        f"{fig['rss_start_mib']:.1f} -> {fig['rss_end_mib']:.1f} MiB, {growth:+.2f}%",
+    )
     suite.check("server alive at the end, SIGTERM exit status 0", alive and code == 0, f"alive={alive} exit={code}")
     return suite
 
@@ -166,25 +217,40 @@ def overload(ctx: Context) -> Suite:
     a = ctx.args
     suite = Suite("overload")
     c, w = a.concurrency, a.max_waiting or max(1, a.concurrency // 8)
-    settings = ctx.settings(max_num_seqs=c, max_waiting_requests=w,
-                            kv_cache_memory=a.kv_cache_memory or kv_budget(ctx.root, ctx.ref, 2 * (c + w), a.dtype))  # fmt: skip
+    settings = ctx.settings(
+        max_num_seqs=c,
+        max_waiting_requests=w,
+        kv_cache_memory=a.kv_cache_memory or kv_budget(ctx.root, ctx.ref, 2 * (c + w), a.dtype),
+    )
     with h.ServerProcess(ctx.root, ctx.ref, settings, ctx.log("overload")) as server:
         retry = f"{a.retry_pause_min:g}-{a.retry_pause_max:g} s" if a.retry_pause_max else "Retry-After x 0.5-1.5"
-        print(f"overload: {ctx.ref}, MAX_NUM_SEQS={c}, MAX_WAITING_REQUESTS={w}; baseline {c} clients "
-              f"{a.baseline_duration:.0f} s, overload {4 * c} clients {a.overload_duration:.0f} s, a refused client "
-              f"waits {retry} "
-              f"(server pid {server.pid}, ready in {server.wait_ready():.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"overload: {ctx.ref}, MAX_NUM_SEQS={c}, MAX_WAITING_REQUESTS={w}; baseline {c} clients "
+            f"{a.baseline_duration:.0f} s, overload {4 * c} clients {a.overload_duration:.0f} s, a refused client "
+            f"waits {retry} "
+            f"(server pid {server.pid}, ready in {server.wait_ready():.1f} s)",
+            flush=True,
+        )
 
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 info = await h.model_info(client)
                 make = lambda rng: h.fixed_request(rng, info, a.prompt_len, a.new_tokens, a.spread)  # noqa: E731
                 await h.drive(server.url, c, a.warmup, make, seed=a.seed + 1)  # untimed warm-up
-                base = await h.drive(server.url, c, a.baseline_duration, make, seed=a.seed + 2, server=server,
-                                     stagger=a.stagger)  # fmt: skip
+                base = await h.drive(
+                    server.url, c, a.baseline_duration, make, seed=a.seed + 2, server=server, stagger=a.stagger
+                )
                 pause = (a.retry_pause_min, a.retry_pause_max) if a.retry_pause_max else None
-                over = await h.drive(server.url, 4 * c, a.overload_duration, make, seed=a.seed + 3, server=server,
-                                     retry_pause=pause, stagger=a.stagger)  # fmt: skip
+                over = await h.drive(
+                    server.url,
+                    4 * c,
+                    a.overload_duration,
+                    make,
+                    seed=a.seed + 3,
+                    server=server,
+                    retry_pause=pause,
+                    stagger=a.stagger,
+                )
                 recovery = await h.execute(client, make(random.Random(a.seed + 4)), time.monotonic())
                 idle = await h.wait_idle(client, timeout=60)
                 return info, base, over, recovery, idle
@@ -192,28 +258,56 @@ def overload(ctx: Context) -> Suite:
         info, base, over, recovery, (idle, gauges, idle_s) = asyncio.run(main())
         code = server.stop(timeout=60)
     fb, fo = h.summarize(base.results, base.duration), h.summarize(over.results, over.duration)
-    suite.figures = {"model": info["id"], "max_num_seqs": c, "max_waiting_requests": w, "baseline": fb, "overload": fo,
-                     "recovery": {"outcome": recovery.outcome, "latency_s": recovery.latency, "detail": recovery.detail},
-                     "idle_after_s": round(idle_s, 2), "gauges_after": gauges}  # fmt: skip
+    suite.figures = {
+        "model": info["id"],
+        "max_num_seqs": c,
+        "max_waiting_requests": w,
+        "baseline": fb,
+        "overload": fo,
+        "recovery": {"outcome": recovery.outcome, "latency_s": recovery.latency, "detail": recovery.detail},
+        "idle_after_s": round(idle_s, 2),
+        "gauges_after": gauges,
+    }
     print(load_table(f"overload: baseline ({c} clients)", fb))
     print(load_table(f"overload: overload ({4 * c} clients)", fo))
     print(f"  recovery: {recovery.outcome} in {recovery.latency:.3f} s")
     inside = server_durations(ctx.log("overload"), 429)
     suite.figures["server_side_429_ms"] = inside
-    print(f"  429s as the server timed them (its request log, arrival to answer inside the app): p50 {inside['p50']:.1f} / "
-          f"p95 {inside['p95']:.1f} / max {inside['max']:.1f} ms; the client-side figures above add the load "
-          "generator's own delays on the same CPUs")  # fmt: skip
+    print(
+        "  429s as the server timed them (its request log, arrival to answer inside the app): "
+        f"p50 {inside['p50']:.1f} / p95 {inside['p95']:.1f} / max {inside['max']:.1f} ms; "
+        "the client-side figures above add the load generator's own delays on the same CPUs"
+    )
     limit = 1.5 * fb["latency_p95_s"]
-    suite.check("baseline: every request completed", fb["completed"] > 0 and fb["completed"] == fb["sent"],
-                f"{fb['completed']} of {fb['sent']}; " + "; ".join(h.failures(base.results)))  # fmt: skip
-    suite.check("overload: the excess got 429 with Retry-After", fo["rejected_429"] > 0, f"{fo['rejected_429']} of {fo['sent']}")
-    suite.check("overload: no 5xx, no other errors", fo["5xx"] == 0 and fo["other_errors"] == 0, "; ".join(h.failures(over.results)))
-    suite.check("overload: 429 p95 latency <= 50 ms", fo["latency_429_p95_ms"] <= 50.0,
-                f"p95 {fo['latency_429_p95_ms']:.1f} ms, max {fo['latency_429_max_ms']:.1f} ms")  # fmt: skip
-    suite.check("overload: admitted p95 <= 1.5x baseline p95", fo["latency_p95_s"] <= limit,
-                f"{fo['latency_p95_s']:.3f} s vs baseline {fb['latency_p95_s']:.3f} s (ratio {fo['latency_p95_s'] / fb['latency_p95_s']:.2f})")  # fmt: skip
-    suite.check("recovery: one request right after succeeds within 1.5x baseline p95",
-                recovery.outcome == "ok" and recovery.latency <= limit, f"{recovery.outcome}, {recovery.latency:.3f} s")  # fmt: skip
+    suite.check(
+        "baseline: every request completed",
+        fb["completed"] > 0 and fb["completed"] == fb["sent"],
+        f"{fb['completed']} of {fb['sent']}; " + "; ".join(h.failures(base.results)),
+    )
+    suite.check(
+        "overload: the excess got 429 with Retry-After", fo["rejected_429"] > 0, f"{fo['rejected_429']} of {fo['sent']}"
+    )
+    suite.check(
+        "overload: no 5xx, no other errors",
+        fo["5xx"] == 0 and fo["other_errors"] == 0,
+        "; ".join(h.failures(over.results)),
+    )
+    suite.check(
+        "overload: 429 p95 latency <= 50 ms",
+        fo["latency_429_p95_ms"] <= 50.0,
+        f"p95 {fo['latency_429_p95_ms']:.1f} ms, max {fo['latency_429_max_ms']:.1f} ms",
+    )
+    suite.check(
+        "overload: admitted p95 <= 1.5x baseline p95",
+        fo["latency_p95_s"] <= limit,
+        f"{fo['latency_p95_s']:.3f} s vs baseline {fb['latency_p95_s']:.3f} s "
+        f"(ratio {fo['latency_p95_s'] / fb['latency_p95_s']:.2f})",
+    )
+    suite.check(
+        "recovery: one request right after succeeds within 1.5x baseline p95",
+        recovery.outcome == "ok" and recovery.latency <= limit,
+        f"{recovery.outcome}, {recovery.latency:.3f} s",
+    )
     suite.check("gauges back to 0, SIGTERM exit status 0", idle and code == 0, f"{gauges}, exit={code}")
     return suite
 
@@ -239,7 +333,9 @@ def fault_sigterm(ctx: Context, suite: Suite, streams: int, drain_timeout: float
     with h.ServerProcess(ctx.root, ctx.ref, settings, ctx.log("fault-sigterm")) as server:
         server.wait_ready()
         fig, checks = h.sigterm_streams(server, streams, drain_timeout, ctx.args.seed)
-    _record(suite, "sigterm", f"(a) SIGTERM with {streams} streams in flight (DRAIN_TIMEOUT={drain_timeout:g})", fig, checks)
+    _record(
+        suite, "sigterm", f"(a) SIGTERM with {streams} streams in flight (DRAIN_TIMEOUT={drain_timeout:g})", fig, checks
+    )
 
 
 def _record(suite: Suite, key: str, title: str, fig: dict, checks: list[h.Check]) -> None:
@@ -252,10 +348,20 @@ def _record(suite: Suite, key: str, title: str, fig: dict, checks: list[h.Check]
 def fault_finetune_kill(ctx: Context, suite: Suite) -> None:
     root = h.copy_model(ctx.root, ctx.ref, ctx.workdir / "ft-store")
     fig, checks = h.finetune_kill(root, ctx.ref, ctx.workdir, list(h.STAGES), ctx.args.seed)
-    rows = [(f"kill -9 at {k['stage']}", f"hit={k['hit']} rc={k['rc']} list unchanged={k['list_unchanged']} "
-             f"verify={k['verify']}") for k in fig["kills"]]  # fmt: skip
-    rows.append(("--resume afterwards", f"published {fig['resume_published']} (verify rc {fig['resume_verify_rc']}); "
-                 f"staging left: {fig['staging_leftovers']}"))  # fmt: skip
+    rows = [
+        (
+            f"kill -9 at {k['stage']}",
+            f"hit={k['hit']} rc={k['rc']} list unchanged={k['list_unchanged']} verify={k['verify']}",
+        )
+        for k in fig["kills"]
+    ]
+    rows.append(
+        (
+            "--resume afterwards",
+            f"published {fig['resume_published']} (verify rc {fig['resume_verify_rc']}); "
+            f"staging left: {fig['staging_leftovers']}",
+        )
+    )
     suite.figures["finetune_kill"] = fig
     print(h.table("(b) kill -9 of finetune during its export", rows))
     for check in checks:
@@ -314,7 +420,9 @@ def fault_reload(ctx: Context, suite: Suite, switches: int) -> None:
                     return h.mixed_request(rng, info, abort_fraction=0.0)
 
                 report = h.LoadReport()
-                load = asyncio.ensure_future(h.drive(server.url, max(2, c // 2), 1e9, make, seed=ctx.args.seed, report=report))
+                load = asyncio.ensure_future(
+                    h.drive(server.url, max(2, c // 2), 1e9, make, seed=ctx.args.seed, report=report)
+                )
                 switched = []
                 for i in range(switches):
                     count = len(report.results)
@@ -324,8 +432,14 @@ def fault_reload(ctx: Context, suite: Suite, switches: int) -> None:
                     t = time.monotonic()
                     r = await client.post("/admin/reload", json={"model": target})
                     served = (await client.get("/v1/models")).json()["data"][0]["id"]
-                    switched.append({"to": target, "status": r.status_code, "seconds": round(time.monotonic() - t, 2),
-                                     "served": served})  # fmt: skip
+                    switched.append(
+                        {
+                            "to": target,
+                            "status": r.status_code,
+                            "seconds": round(time.monotonic() - t, 2),
+                            "served": served,
+                        }
+                    )
                 count = len(report.results)
                 while len(report.results) < count + 3 and not load.done():
                     await asyncio.sleep(0.05)
@@ -338,21 +452,46 @@ def fault_reload(ctx: Context, suite: Suite, switches: int) -> None:
         report, switched, (idle, gauges, _) = asyncio.run(main())
         code = server.stop()
     fig = h.summarize(report.results, sum(s["seconds"] for s in switched))
-    suite.figures["reload"] = {"switches": switched, **{k: fig[k] for k in ("sent", "completed", "rejected_429", "5xx", "other_errors")}}
-    print(h.table(f"(d) hot reload x{switches} under load", [("requests", f"{fig['sent']} sent, {fig['completed']} completed, "
-          f"{fig['rejected_429']} 429, {fig['5xx']} 5xx, {fig['other_errors']} other")] +
-          [(f"reload -> {s['to']}", f"{s['status']} in {s['seconds']} s, serving {s['served']}") for s in switched]))  # fmt: skip
-    suite.check("(d) every reload answered 200 and switched", all(s["status"] == 200 and s["served"] == s["to"] for s in switched))
-    suite.check("(d) zero failed requests during the reloads", fig["sent"] > 0 and fig["completed"] == fig["sent"],
-                "; ".join(h.failures(report.results)))  # fmt: skip
+    suite.figures["reload"] = {
+        "switches": switched,
+        **{k: fig[k] for k in ("sent", "completed", "rejected_429", "5xx", "other_errors")},
+    }
+    print(
+        h.table(
+            f"(d) hot reload x{switches} under load",
+            [
+                (
+                    "requests",
+                    f"{fig['sent']} sent, {fig['completed']} completed, "
+                    f"{fig['rejected_429']} 429, {fig['5xx']} 5xx, {fig['other_errors']} other",
+                )
+            ]
+            + [(f"reload -> {s['to']}", f"{s['status']} in {s['seconds']} s, serving {s['served']}") for s in switched],
+        )
+    )
+    suite.check(
+        "(d) every reload answered 200 and switched",
+        all(s["status"] == 200 and s["served"] == s["to"] for s in switched),
+    )
+    suite.check(
+        "(d) zero failed requests during the reloads",
+        fig["sent"] > 0 and fig["completed"] == fig["sent"],
+        "; ".join(h.failures(report.results)),
+    )
     suite.check("(d) gauges back to 0, exit status 0", idle and code == 0, f"{gauges}, exit {code}")
 
 
 def fault_engine(ctx: Context, suite: Suite) -> None:
     trigger = ctx.workdir / "engine-fault-trigger"
     c = ctx.args.concurrency
-    with h.ServerProcess(ctx.root, ctx.ref, ctx.settings(max_num_seqs=c, max_waiting_requests=c), ctx.log("fault-engine"),
-                         argv=["-c", h.FAULTY_SERVER], extra_env={"RELIABILITY_FAULT_TRIGGER": str(trigger)}) as server:  # fmt: skip
+    with h.ServerProcess(
+        ctx.root,
+        ctx.ref,
+        ctx.settings(max_num_seqs=c, max_waiting_requests=c),
+        ctx.log("fault-engine"),
+        argv=["-c", h.FAULTY_SERVER],
+        extra_env={"RELIABILITY_FAULT_TRIGGER": str(trigger)},
+    ) as server:
         server.wait_ready()
         fig, checks = h.engine_fault(server, trigger, c, ctx.args.seed)
     _record(suite, "engine_fault", "(e) an engine step raises", fig, checks)
@@ -387,10 +526,15 @@ def faults(ctx: Context) -> Suite:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m reliability.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m reliability.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("suite", choices=["soak", "overload", "faults", "all"])
-    p.add_argument("--model", help="store reference to serve (default: default@prod if bundled, else a tiny random GPT-2)")
+    p.add_argument(
+        "--model", help="store reference to serve (default: default@prod if bundled, else a tiny random GPT-2)"
+    )
     p.add_argument("--store", help="store root for --model (default: MODEL_STORE_ROOT, else the repo's models/)")
     p.add_argument("--tiny", action="store_true", help="serve a tiny random GPT-2 built in the work directory")
     p.add_argument("--concurrency", type=int, default=8, help="admitted concurrency C = MAX_NUM_SEQS (default 8)")
@@ -410,11 +554,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--overload-duration", type=float, default=120, help="seconds at 4C clients (default 120)")
     g.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per request (default 16)")
     g.add_argument("--new-tokens", type=int, default=32, help="generated tokens per request (default 32)")
-    g.add_argument("--spread", type=float, default=0.5,
-                   help="generated tokens vary uniformly within +- this fraction (default 0.5; 0: all equal, lockstep)")
+    g.add_argument(
+        "--spread",
+        type=float,
+        default=0.5,
+        help="generated tokens vary uniformly within +- this fraction (default 0.5; 0: all equal, lockstep)",
+    )
     g.add_argument("--stagger", type=float, default=1.0, help="clients start within this many seconds (default 1)")
-    g.add_argument("--retry-pause-min", type=float, default=0.0,
-                   help="a client that got 429 waits at least this many seconds ... (default: as Retry-After says)")
+    g.add_argument(
+        "--retry-pause-min",
+        type=float,
+        default=0.0,
+        help="a client that got 429 waits at least this many seconds ... (default: as Retry-After says)",
+    )
     g.add_argument("--retry-pause-max", type=float, default=0.0, help="... and at most this before its next request")
     g = p.add_argument_group("faults")
     g.add_argument("--only", help=f"comma-separated subset of {','.join(FAULTS)}")
@@ -447,7 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"work directory kept: {workdir}")
     ok = bool(suites) and all(s.passed for s in suites)
-    print(f"\nreliability {args.suite}: {'PASS' if ok else 'FAIL'}" + "".join(f"  {s.name}={'PASS' if s.passed else 'FAIL'}" for s in suites))
+    print(
+        f"\nreliability {args.suite}: {'PASS' if ok else 'FAIL'}"
+        + "".join(f"  {s.name}={'PASS' if s.passed else 'FAIL'}" for s in suites)
+    )
     return 0 if ok else 1
 
 

@@ -60,9 +60,16 @@ def main() -> int:
         return 2
     configure(config.log_level)
     app = create_app(config)
-    uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                                    timeout_graceful_shutdown=5, timeout_keep_alive=5, access_log=False,
-                                    http=DeadlineH11Protocol)  # fmt: skip
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+        access_log=False,
+        http=DeadlineH11Protocol,
+    )
     server = DrainingServer(uvicorn_config, app)
     app.state.server.on_failure = server.engine_failed
     server.run()

@@ -53,8 +53,12 @@ def create_app(config: ServiceConfig, *, start_engine: bool = True) -> FastAPI:
         if server.state.value != "stopped":
             await server.drain(config.drain_timeout)
 
-    app = FastAPI(title="gpt2-serve", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible completions, scoring and tokenization for GPT-2 models.")  # fmt: skip
+    app = FastAPI(
+        title="gpt2-serve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible completions, scoring and tokenization for GPT-2 models.",
+    )
     app.state.server = server
     app.state.config = config
     errors.install(app)
@@ -66,13 +70,23 @@ def create_app(config: ServiceConfig, *, start_engine: bool = True) -> FastAPI:
 
 
 ERROR_SCHEMA = {
-    "type": "object", "required": ["error"], "additionalProperties": False,
-    "properties": {"error": {
-        "type": "object", "required": ["message", "type", "param", "code"], "additionalProperties": False,
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "code": {"type": "string"}},
-    }},
-}  # fmt: skip
+    "type": "object",
+    "required": ["error"],
+    "additionalProperties": False,
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "additionalProperties": False,
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"type": "string"},
+            },
+        }
+    },
+}
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -90,7 +104,10 @@ def _openapi(app: FastAPI) -> dict:
             for operation in item.values():
                 responses = operation["responses"]
                 responses.pop("422", None)
-                responses["4XX"] = {"description": "Invalid request, unknown model or route, missing key, too large, overloaded", **error}
+                responses["4XX"] = {
+                    "description": "Invalid request, unknown model or route, missing key, too large, overloaded",
+                    **error,
+                }
                 responses["5XX"] = {"description": "Loading, draining, or a server error", **error}
         app.openapi_schema = schema
     return app.openapi_schema
@@ -161,7 +178,7 @@ class EdgeMiddleware:
                 return await receive()  # body complete: waiting now means waiting for a disconnect
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
-            except asyncio.TimeoutError:  # and close: the rest of the body would keep the connection busy
+            except TimeoutError:  # and close: the rest of the body would keep the connection busy
                 raise HTTPException(408, too_slow, headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -186,8 +203,14 @@ class EdgeMiddleware:
             self.metrics.rejections.labels("validation").inc()
         if endpoint in TIMED_ENDPOINTS and status == 200 and self.server.backend is not None:
             self.metrics.e2e.labels(*self.server.backend.labels).observe(duration)
-        fields = {"request_id": request_id, "method": scope.get("method"), "path": path, "status": status,
-                  "duration_ms": round(duration * 1000, 1), **scope.get("state", {}).get("usage", {})}  # fmt: skip
+        fields = {
+            "request_id": request_id,
+            "method": scope.get("method"),
+            "path": path,
+            "status": status,
+            "duration_ms": round(duration * 1000, 1),
+            **scope.get("state", {}).get("usage", {}),
+        }
         logger.info("request", extra={"fields": fields})
 
 

@@ -20,8 +20,18 @@ class ConfigError(ValueError):
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-          "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "KI": 1024,
+    "MI": 1024**2,
+    "GI": 1024**3,
+    "TI": 1024**4,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -102,11 +112,18 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MODEL", "default@prod", "store reference to serve: name, name@version or name@alias", str.strip),
     Variable("MODEL_STORE_ROOT", "", "model store directory (default: the repo's models/)", str.strip),
     Variable("DEVICE", "cpu", "cpu, cuda or cuda:N", _device),
-    Variable("DTYPE", "auto", "auto (bfloat16 where the hardware has bf16 matrix units, else float32), "
-             "float32, bfloat16, float16 (CUDA only)", _choice("auto", "float32", "bfloat16", "float16")),
+    Variable(
+        "DTYPE",
+        "auto",
+        "auto (bfloat16 where the hardware has bf16 matrix units, else float32), "
+        "float32, bfloat16, float16 (CUDA only)",
+        _choice("auto", "float32", "bfloat16", "float16"),
+    ),
     Variable("MAX_NUM_SEQS", "64", "sequences decoded together per step", _int(1, 4096)),
     Variable("MAX_NUM_BATCHED_TOKENS", "2048", "tokens computed per step (prefill chunk budget)", _int(16, 1 << 20)),
-    Variable("MAX_MODEL_LEN", "", "prompt + completion limit in tokens (default: the model's context)", _optional(_int(2))),
+    Variable(
+        "MAX_MODEL_LEN", "", "prompt + completion limit in tokens (default: the model's context)", _optional(_int(2))
+    ),
     Variable("KV_CACHE_MEMORY", "1GiB", "KV cache budget (bytes, or 512MiB, 2GiB, ...)", _positive_bytes),
     Variable("MAX_WAITING_REQUESTS", "256", "sequences allowed to wait; beyond it: 429", _int(1)),
     Variable("MAX_WAITING_TOKENS", "262144", "prompt tokens allowed to wait; beyond it: 429", _int(1)),
@@ -115,8 +132,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("API_KEYS", "", "comma-separated Bearer keys; empty: no authentication", _keys),
     Variable("MAX_BODY_BYTES", "2MiB", "request body limit; beyond it: 413", _positive_bytes),
     Variable("DRAIN_TIMEOUT", "30", "seconds in-flight requests may take to finish after SIGTERM", _float(0)),
-    Variable("LOG_LEVEL", "info", "debug, info, warning, error (prompt text is never logged)",
-             _choice("debug", "info", "warning", "error")),
+    Variable(
+        "LOG_LEVEL",
+        "info",
+        "debug, info, warning, error (prompt text is never logged)",
+        _choice("debug", "info", "warning", "error"),
+    ),
     Variable("NUM_THREADS", "", "CPU threads for torch (default: the cores available)", _optional(_int(1, 1024))),
     Variable("SEED", "", "seed of the generator shared by unseeded requests (default: random)", _optional(_int(0))),
 )

@@ -37,28 +37,60 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         p = PREFIX
-        self.requests = Counter(p + "requests", "HTTP requests by endpoint and status code", ("endpoint", "status"), registry=r)
+        self.requests = Counter(
+            p + "requests", "HTTP requests by endpoint and status code", ("endpoint", "status"), registry=r
+        )
         self.rejections = Counter(p + "rejections", "Requests refused, by reason", ("reason",), registry=r)
         self.aborts = Counter(p + "aborts", "Requests aborted (client gone, drain timeout)", MODEL, registry=r)
-        self.finished = Counter(p + "request_success", "Sequences finished, by finish reason", (*MODEL, "finish_reason"), registry=r)
+        self.finished = Counter(
+            p + "request_success", "Sequences finished, by finish reason", (*MODEL, "finish_reason"), registry=r
+        )
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished sequences", MODEL, registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", MODEL, registry=r)
         self.scored_tokens = Counter(p + "scored_tokens", "Tokens scored (prompt logprobs returned)", MODEL, registry=r)
-        self.prefix_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache", MODEL, registry=r)
-        self.prefix_hits = Counter(p + "prefix_cache_hits", "Prompt tokens served from the prefix cache", MODEL, registry=r)
+        self.prefix_queries = Counter(
+            p + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache", MODEL, registry=r
+        )
+        self.prefix_hits = Counter(
+            p + "prefix_cache_hits", "Prompt tokens served from the prefix cache", MODEL, registry=r
+        )
         self.preemptions = Counter(p + "num_preemptions", "Sequences preempted for KV memory", MODEL, registry=r)
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "Arrival to first generated token", MODEL, buckets=_LATENCY, registry=r)
-        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between generated tokens", MODEL, buckets=_LATENCY, registry=r)
-        self.e2e = Histogram(p + "e2e_request_latency_seconds", "HTTP request received to response complete", MODEL, buckets=_E2E, registry=r)
-        self.queue_time = Histogram(p + "request_queue_time_seconds", "Arrival to first scheduled", MODEL, buckets=_LATENCY, registry=r)
-        self.prompt_len = Histogram(p + "request_prompt_tokens", "Prompt length per sequence", MODEL, buckets=_TOKENS, registry=r)
-        self.generation_len = Histogram(p + "request_generation_tokens", "Generated length per sequence", MODEL, buckets=_TOKENS, registry=r)
-        self.batch_size = Histogram(p + "iteration_sequences", "Sequences per engine step", MODEL, buckets=_BATCH, registry=r)
-        self.iteration_tokens = Histogram(p + "iteration_tokens", "Tokens computed per engine step", MODEL, buckets=_TOKENS, registry=r)
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Arrival to first generated token", MODEL, buckets=_LATENCY, registry=r
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds", "Time between generated tokens", MODEL, buckets=_LATENCY, registry=r
+        )
+        self.e2e = Histogram(
+            p + "e2e_request_latency_seconds",
+            "HTTP request received to response complete",
+            MODEL,
+            buckets=_E2E,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            p + "request_queue_time_seconds", "Arrival to first scheduled", MODEL, buckets=_LATENCY, registry=r
+        )
+        self.prompt_len = Histogram(
+            p + "request_prompt_tokens", "Prompt length per sequence", MODEL, buckets=_TOKENS, registry=r
+        )
+        self.generation_len = Histogram(
+            p + "request_generation_tokens", "Generated length per sequence", MODEL, buckets=_TOKENS, registry=r
+        )
+        self.batch_size = Histogram(
+            p + "iteration_sequences", "Sequences per engine step", MODEL, buckets=_BATCH, registry=r
+        )
+        self.iteration_tokens = Histogram(
+            p + "iteration_tokens", "Tokens computed per engine step", MODEL, buckets=_TOKENS, registry=r
+        )
         self.running = Gauge(p + "num_requests_running", "Sequences running in the engine", MODEL, registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Sequences waiting for admission", MODEL, registry=r)
-        self.kv_usage = Gauge(p + "kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1)", MODEL, registry=r)
-        self.model_info = Gauge(p + "model_info", "The model being served (value 1)", (*MODEL, "dtype", "device"), registry=r)
+        self.kv_usage = Gauge(
+            p + "kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1)", MODEL, registry=r
+        )
+        self.model_info = Gauge(
+            p + "model_info", "The model being served (value 1)", (*MODEL, "dtype", "device"), registry=r
+        )
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
 

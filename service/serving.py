@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from model_store import ModelStore
-
 from service.config import ServiceConfig
 from service.engine.async_engine import AsyncEngine
 from service.engine.engine import Engine
@@ -111,7 +110,9 @@ class ModelServer:
         self.state = State.STOPPED
 
     async def _open(self, ref: str) -> Backend:
-        loaded = await asyncio.to_thread(load_model, self.store, ref, device=self.config.device, dtype=self.config.dtype)
+        loaded = await asyncio.to_thread(
+            load_model, self.store, ref, device=self.config.device, dtype=self.config.dtype
+        )
         manifest = loaded.manifest
         engine_config = self.config.engine_config(loaded.model.cfg.n_positions)
         labels = (manifest.name, str(manifest.version))
@@ -124,8 +125,14 @@ class ModelServer:
 
         async_engine = AsyncEngine(engine, on_step=lambda stats: self.metrics.step(labels, stats), on_death=died)
         async_engine.start()
-        backend = Backend(loaded, async_engine, manifest.name, manifest.version,
-                          engine_config.scheduler.max_model_len, TokenStrings(loaded.tokenizer))  # fmt: skip
+        backend = Backend(
+            loaded,
+            async_engine,
+            manifest.name,
+            manifest.version,
+            engine_config.scheduler.max_model_len,
+            TokenStrings(loaded.tokenizer),
+        )
         backend.idle.set()
         warmup = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         async for _ in async_engine.generate("warmup", [backend.eos_token_id or 0], warmup):
@@ -141,7 +148,9 @@ class ModelServer:
         if self.backend is None or self.backend.engine is not engine or self.state is not State.READY:
             return
         self.state, self.failure = State.FAILED, exc
-        logger.error("engine failed: not ready from now on", extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}})
+        logger.error(
+            "engine failed: not ready from now on", extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}}
+        )
         if self.on_failure is not None:
             self.on_failure()
 
@@ -161,9 +170,13 @@ class ModelServer:
         if self.state is not State.READY or self.backend is None:
             reason = "draining" if self.state in (State.DRAINING, State.STOPPED) else "not_ready"
             self.metrics.rejections.labels(reason).inc()
-            message = ("the server is shutting down" if reason == "draining" else
-                       "the engine failed; retry on another replica" if self.state is State.FAILED else
-                       "the model is still loading")  # fmt: skip
+            message = (
+                "the server is shutting down"
+                if reason == "draining"
+                else "the engine failed; retry on another replica"
+                if self.state is State.FAILED
+                else "the model is still loading"
+            )
             raise APIError(503, message, code="service_unavailable", headers={"Retry-After": "1"})
         backend = self.backend
         backend.in_flight += 1

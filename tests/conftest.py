@@ -20,7 +20,8 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
     "Serving language models means batching requests that arrive at different times.",
     "Tokens, positions and caches: every sequence decodes at its own position.",
-    "Caf\u00e9 na\u00efve fa\u00e7ade \u2014 r\u00e9sum\u00e9. \U0001f600\U0001f680 \u4f60\u597d\uff0c\u4e16\u754c\u3002",
+    "Caf\u00e9 na\u00efve fa\u00e7ade \u2014 r\u00e9sum\u00e9. "
+    "\U0001f600\U0001f680 \u4f60\u597d\uff0c\u4e16\u754c\u3002",
     "def forward(self, x):\n    return self.proj(self.act(self.fc(x)))\n",
 ] * 20
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, initializer_range=0.2)
@@ -46,9 +47,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def make_hf_model(tmp_path_factory, tokenizer_dir) -> Callable[..., Path]:
     """Build a random GPT2LMHeadModel and save it like a user's HF directory. Returns the directory."""
 
-    def make(
-        weights: str = "safetensors", tokenizer: str = "json", seed: int = 0, config: dict | None = None
-    ) -> Path:
+    def make(weights: str = "safetensors", tokenizer: str = "json", seed: int = 0, config: dict | None = None) -> Path:
         tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
         eos = tok.token_to_id(EOS)
         overrides = {**TINY, "vocab_size": tok.get_vocab_size(), **(config or {})}
@@ -85,8 +84,10 @@ def save_weights(model: GPT2LMHeadModel, out: Path, weights: str) -> None:
             for name, part in halves.items():
                 torch.save({k: state[k] for k in part}, out / name)
             weight_map = {k: name for name, part in halves.items() for k in part}
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": weight_map}  # fmt: skip
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                "weight_map": weight_map,
+            }
             (out / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     else:
         raise ValueError(weights)

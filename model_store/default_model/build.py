@@ -22,11 +22,33 @@ from ..errors import StoreError
 
 ARCH_ARGS = ("--n-layer", "6", "--n-head", "6", "--n-embd", "384", "--n-positions", "1024")
 TRAINING_ARGS = (
-    "--block-size", "1024", "--batch-size", "2", "--grad-accum", "1", "--steps", "1200",
-    "--lr", "1e-3", "--warmup-steps", "50", "--min-lr-ratio", "0.1", "--weight-decay", "0.1",
-    "--dropout", "0", "--seed", "0", "--checkpoint-every", "100", "--eval-every", "100",
-    "--eval-max-blocks", "16",
-)  # fmt: skip
+    "--block-size",
+    "1024",
+    "--batch-size",
+    "2",
+    "--grad-accum",
+    "1",
+    "--steps",
+    "1200",
+    "--lr",
+    "1e-3",
+    "--warmup-steps",
+    "50",
+    "--min-lr-ratio",
+    "0.1",
+    "--weight-decay",
+    "0.1",
+    "--dropout",
+    "0",
+    "--seed",
+    "0",
+    "--checkpoint-every",
+    "100",
+    "--eval-every",
+    "100",
+    "--eval-max-blocks",
+    "16",
+)
 PROMPTS = (
     "It is a truth universally acknowledged",
     "In the beginning",
@@ -46,10 +68,18 @@ def train(out: Path, root: str | None) -> Path:
         argv = ["finetune", "--resume", *common]
     else:
         argv = [
-            "finetune", "--from-scratch", "--tokenizer", str(out / "tokenizer"), *ARCH_ARGS,
-            "--data", str(out / "corpus" / "train.jsonl"), "--eval-file", str(out / "corpus" / "heldout.jsonl"),
-            *TRAINING_ARGS, *common,
-        ]  # fmt: skip
+            "finetune",
+            "--from-scratch",
+            "--tokenizer",
+            str(out / "tokenizer"),
+            *ARCH_ARGS,
+            "--data",
+            str(out / "corpus" / "train.jsonl"),
+            "--eval-file",
+            str(out / "corpus" / "heldout.jsonl"),
+            *TRAINING_ARGS,
+            *common,
+        ]
     status = store_cli.main([*(["--root", root] if root else []), *argv])
     if status != 0:
         raise StoreError(f"training failed (exit status {status}); rerun the command to resume it")
@@ -99,12 +129,21 @@ def evaluate_run(store, run_dir: Path, out: Path, baseline: dict[str, Any]) -> t
     for prompt in PROMPTS:
         ids = torch.tensor([tok.tokenizer.encode(prompt).ids])
         mask = torch.ones_like(ids)
-        greedy = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+        greedy = model.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=eos
+        )
         torch.manual_seed(SAMPLING["seed"])
-        sampled = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0,
-                                 temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
-                                 eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+        sampled = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=True,
+            top_k=0,
+            temperature=SAMPLING["temperature"],
+            top_p=SAMPLING["top_p"],
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
         lines.append(f"**{prompt}**\n")
         for label, output in (("greedy", greedy), ("sampled", sampled)):
             text = tok.tokenizer.decode(output[0, ids.shape[1] :].tolist())
@@ -115,8 +154,7 @@ def evaluate_run(store, run_dir: Path, out: Path, baseline: dict[str, Any]) -> t
         "The model's weights are released under the same terms as this repository. The corpus comes from "
         "Debian's archive (`apt-get download`), pinned by version and sha256; `corpus.json` in the build "
         "folder lists the packages.\n",
-        "Reproduce: `python -m model_store.default_model build --root /tmp/store` "
-        "(see the project README).\n",
+        "Reproduce: `python -m model_store.default_model build --root /tmp/store` (see the project README).\n",
     ]
     return metrics, "\n".join(lines)
 
@@ -133,11 +171,21 @@ def build(out: Path, root: str | None, name: str, alias: str) -> dict[str, Any]:
     store = ModelStore(store_root(root))
     metrics, appendix = evaluate_run(store, run_dir, out, baseline)
     options = RunOptions(
-        run_dir=run_dir, name=name, alias=alias, dtype="float16", data_license=baseline["corpus"]["license"],
-        sample_prompt=PROMPTS[0], card_appendix=appendix, extra_metrics=metrics,
-    )  # fmt: skip
+        run_dir=run_dir,
+        name=name,
+        alias=alias,
+        dtype="float16",
+        data_license=baseline["corpus"]["license"],
+        sample_prompt=PROMPTS[0],
+        card_appendix=appendix,
+        extra_metrics=metrics,
+    )
     stored = export_run(store, run_dir, options)
-    summary = {"ref": stored.ref, "path": str(stored.path), **metrics,
-               "minutes": round((time.monotonic() - started) / 60, 1)}  # fmt: skip
+    summary = {
+        "ref": stored.ref,
+        "path": str(stored.path),
+        **metrics,
+        "minutes": round((time.monotonic() - started) / 60, 1),
+    }
     (out / "build.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

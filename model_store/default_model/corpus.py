@@ -36,12 +36,15 @@ class DebianPackage:
         return f"{self.name}_{self.version}_{self.arch}.deb"
 
 
-AUSTEN = DebianPackage("r-cran-janeaustenr", "1.0.0-1", "all",
-                       "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95")  # fmt: skip
-KJV_TEXT = DebianPackage("bible-kjv-text", "4.38", "all",
-                         "d61b6aad4c51ba9e2800b825325fa6a09e99a0d02a9bb6dc4724fcc4995a1b7a")  # fmt: skip
-KJV_PROGRAM = DebianPackage("bible-kjv", "4.38", "amd64",
-                            "75a49c032a6efa9faa2beb4a9acb70974380122906329d0e100de36cc88ff02d")  # fmt: skip
+AUSTEN = DebianPackage(
+    "r-cran-janeaustenr", "1.0.0-1", "all", "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"
+)
+KJV_TEXT = DebianPackage(
+    "bible-kjv-text", "4.38", "all", "d61b6aad4c51ba9e2800b825325fa6a09e99a0d02a9bb6dc4724fcc4995a1b7a"
+)
+KJV_PROGRAM = DebianPackage(
+    "bible-kjv", "4.38", "amd64", "75a49c032a6efa9faa2beb4a9acb70974380122906329d0e100de36cc88ff02d"
+)
 SOURCES = (AUSTEN, KJV_TEXT, KJV_PROGRAM)
 LICENSE = (
     "Public domain texts: Jane Austen's six novels (as packaged by CRAN's janeaustenr 1.0.0, MIT, from "
@@ -107,8 +110,10 @@ def kjv_documents(root: Path) -> list[Document]:
     """One document per book, one paragraph per chapter, verse numbers dropped."""
     result = subprocess.run(
         [str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "-f", "Gen1:1-Rev22:21"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     books: dict[str, dict[int, list[str]]] = {}
     for line in result.stdout.splitlines():
         match = _VERSE.match(line.strip())
@@ -164,7 +169,8 @@ def prepare_corpus(out: Path, cache: Path) -> dict:
             "heldout_txt": (out / "heldout.txt").stat().st_size,
         },
         "files_sha256": {
-            f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in ("train.jsonl", "heldout.jsonl", "heldout.txt")
+            f: hashlib.sha256((out / f).read_bytes()).hexdigest()
+            for f in ("train.jsonl", "heldout.jsonl", "heldout.txt")
         },
     }
     (out / "corpus.json").write_text(json.dumps(facts, indent=2) + "\n")

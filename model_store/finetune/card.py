@@ -43,18 +43,37 @@ def plot_curve(log: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, format="png")
 
 
-def model_card(*, name: str, config: TrainConfig, arch: ArchConfig, metrics: dict[str, Any],
-               data_license: str, prompt: str, sample: str, curve_file: str) -> str:  # fmt: skip
+def model_card(
+    *,
+    name: str,
+    config: TrainConfig,
+    arch: ArchConfig,
+    metrics: dict[str, Any],
+    data_license: str,
+    prompt: str,
+    sample: str,
+    curve_file: str,
+) -> str:
     origin = f"fine-tuned from `{config.base}`" if config.base else "trained from scratch"
-    method = f"LoRA (r={config.lora_r}, alpha={config.lora_alpha}), merged into the weights" if config.lora \
-        else "full fine-tuning" if config.base else "full training"  # fmt: skip
+    method = (
+        f"LoRA (r={config.lora_r}, alpha={config.lora_alpha}), merged into the weights"
+        if config.lora
+        else "full fine-tuning"
+        if config.base
+        else "full training"
+    )
     objective = "next-token cross-entropy"
     if config.negatives:
-        objective += (f" + {config.negative_weight} x unlikelihood of {config.negatives} noise tokens per position "
-                      "(Welleck et al. 2019), noise from the training unigram distribution")  # fmt: skip
+        objective += (
+            f" + {config.negative_weight} x unlikelihood of {config.negatives} noise tokens per position "
+            "(Welleck et al. 2019), noise from the training unigram distribution"
+        )
     data = "\n".join(f"- `{Path(p).name}`" for p in config.data)
-    held_out = "\n".join(f"- `{Path(p).name}` (held out)" for p in config.eval_file) if config.eval_file \
-        else f"- held out: a seeded random {config.eval_fraction:.0%} of the packed blocks"  # fmt: skip
+    held_out = (
+        "\n".join(f"- `{Path(p).name}` (held out)" for p in config.eval_file)
+        if config.eval_file
+        else f"- held out: a seeded random {config.eval_fraction:.0%} of the packed blocks"
+    )
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
     return f"""# {name}
 

@@ -25,9 +25,11 @@ _EPILOG = """examples:
 
 def add_parser(commands) -> None:
     cmd = commands.add_parser(
-        "finetune", help="fine-tune a version (or train from scratch) and publish the result",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        "finetune",
+        help="fine-tune a version (or train from scratch) and publish the result",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     opt = _train_option(cmd)
     opt("base", nargs="?", metavar="NAME@REF", help="store version to start from")
     opt("--data", nargs="+", metavar="FILE", help="training files: text (one document each) or JSONL with 'text'")
@@ -88,10 +90,18 @@ def run(store: ModelStore, args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     options = RunOptions(
-        run_dir=args.run_dir, resume=args.resume, name=args.name, alias=args.alias, dtype=args.dtype,
-        data_license=args.data_license, sample_prompt=args.sample_prompt, export=args.export,
-        progress=args.progress, device=args.device, overrides=given,
-    )  # fmt: skip
+        run_dir=args.run_dir,
+        resume=args.resume,
+        name=args.name,
+        alias=args.alias,
+        dtype=args.dtype,
+        data_license=args.data_license,
+        sample_prompt=args.sample_prompt,
+        export=args.export,
+        progress=args.progress,
+        device=args.device,
+        overrides=given,
+    )
     if "steps" in given and "epochs" in given:
         raise StoreError("give --steps or --epochs, not both")
     config = None if args.resume else TrainConfig.from_dict(given)

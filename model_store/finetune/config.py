@@ -127,8 +127,21 @@ def _check(c: TrainConfig) -> None:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise StoreError(f"{key.replace('_', '-')} must be a positive integer, got {value!r}")
 
-    positive("n_layer", "n_head", "n_embd", "n_positions", "block_size", "batch_size", "grad_accum", "steps",
-             "checkpoint_every", "eval_every", "eval_max_blocks", "patience", "world_size")  # fmt: skip
+    positive(
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "n_positions",
+        "block_size",
+        "batch_size",
+        "grad_accum",
+        "steps",
+        "checkpoint_every",
+        "eval_every",
+        "eval_max_blocks",
+        "patience",
+        "world_size",
+    )
     if not c.data:
         raise StoreError("no training data: pass one or more text or JSONL files")
     if c.from_scratch == (c.base is not None):

@@ -52,9 +52,9 @@ def read_documents(path: Path) -> list[str]:
             record = json.loads(line)
             doc = record["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise StoreError(f"{path}:{number}: expected a JSON object with a \"text\" field") from None
+            raise StoreError(f'{path}:{number}: expected a JSON object with a "text" field') from None
         if not isinstance(doc, str):
-            raise StoreError(f"{path}:{number}: \"text\" is not a string")
+            raise StoreError(f'{path}:{number}: "text" is not a string')
         docs.append(doc)
     return docs
 
@@ -71,8 +71,16 @@ def pack(docs: list[str], tokenizer: Tokenizer, eos_id: int, block_size: int) ->
     return Blocks(ids.unfold(0, block_size + 1, block_size).contiguous())  # (num_blocks, block_size + 1)
 
 
-def load_dataset(train_files: list[Path], eval_files: list[Path], tokenizer: Tokenizer, *, eos_id: int,
-                 block_size: int, eval_fraction: float, seed: int) -> Dataset:  # fmt: skip
+def load_dataset(
+    train_files: list[Path],
+    eval_files: list[Path],
+    tokenizer: Tokenizer,
+    *,
+    eos_id: int,
+    block_size: int,
+    eval_fraction: float,
+    seed: int,
+) -> Dataset:
     hashes = {str(p): sha256_file(p) for p in [*train_files, *eval_files]}
     train = pack([d for p in train_files for d in read_documents(p)], tokenizer, eos_id, block_size)
     if eval_files:
@@ -112,13 +120,17 @@ class SampleOrder:
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.num_blocks, generator=torch.Generator().manual_seed(
-                self.seed * 1_000_003 + epoch))}  # fmt: skip
+            self._perms = {
+                epoch: torch.randperm(
+                    self.num_blocks, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                )
+            }
         return self._perms[epoch]
 
 
-def micro_batch_positions(step: int, micro: int, rank: int, *, batch_size: int, grad_accum: int,
-                          world_size: int) -> int:  # fmt: skip
+def micro_batch_positions(
+    step: int, micro: int, rank: int, *, batch_size: int, grad_accum: int, world_size: int
+) -> int:
     """First stream position of the micro-batch `micro` of process `rank` in optimizer step `step`
     (0-based). Each global batch is split into disjoint, contiguous per-(micro, rank) slices."""
     global_batch = batch_size * grad_accum * world_size

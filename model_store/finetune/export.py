@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..hf_format import arch_config_from_hf, canonical_from_hf
 from ..errors import StoreError
+from ..hf_format import arch_config_from_hf, canonical_from_hf
 from ..manifest import STORED_DTYPES, TOKENIZER_FILE, WEIGHTS_FILE, Lineage
 from ..refs import parse_ref
 from ..registry import ModelStore, StoredVersion
@@ -48,15 +48,21 @@ def export_run(store: ModelStore, run_dir: Path, options: RunOptions) -> StoredV
     dtype = options.dtype or tok.stored_dtype
     if dtype not in STORED_DTYPES:
         raise StoreError(f"dtype {dtype!r} is not one of {', '.join(STORED_DTYPES)}")
-    tensors = {k: v.detach().to(getattr(torch, dtype)).contiguous()
-               for k, v in canonical_from_hf(model.state_dict(), arch).items()}  # fmt: skip
+    tensors = {
+        k: v.detach().to(getattr(torch, dtype)).contiguous()
+        for k, v in canonical_from_hf(model.state_dict(), arch).items()
+    }
     log = [r for r in read_log(run_dir) if r["step"] <= checkpoint["state"]["step"]]
     metrics = final_metrics(checkpoint["state"], log)
     prompt = options.sample_prompt or _default_prompt(config)
     sample = tok.tokenizer.decode(greedy_sample(model, tok.tokenizer.encode(prompt).ids, tok.info.eos_token_id))
     name = options.name or parse_ref(config.base).name
-    lineage = Lineage(source="training", parent=config.base, training_config=config.to_dict(),
-                      data_sha256=dict(checkpoint["data_sha256"]))  # fmt: skip
+    lineage = Lineage(
+        source="training",
+        parent=config.base,
+        training_config=config.to_dict(),
+        data_sha256=dict(checkpoint["data_sha256"]),
+    )
     with store.publish(name) as staging:
         save_file(tensors, str(staging.path / WEIGHTS_FILE), metadata={"format": "pt"})
         if tok.json_path is not None:
@@ -65,11 +71,24 @@ def export_run(store: ModelStore, run_dir: Path, options: RunOptions) -> StoredV
             tok.tokenizer.save(str(staging.path / TOKENIZER_FILE))
         (staging.path / LOG_COPY).write_text("".join(json.dumps(r) + "\n" for r in log))
         plot_curve(log, staging.path / CURVE_FILE)
-        card = model_card(name=name, config=config, arch=arch, metrics=metrics, data_license=options.data_license,
-                          prompt=prompt, sample=sample, curve_file=CURVE_FILE)  # fmt: skip
+        card = model_card(
+            name=name,
+            config=config,
+            arch=arch,
+            metrics=metrics,
+            data_license=options.data_license,
+            prompt=prompt,
+            sample=sample,
+            curve_file=CURVE_FILE,
+        )
         (staging.path / CARD_FILE).write_text(card + options.card_appendix)
-        stored = staging.commit(config=arch, dtype=dtype, tokenizer=tok.info, lineage=lineage,
-                                metrics={**metrics, **options.extra_metrics, "data_license": options.data_license})  # fmt: skip
+        stored = staging.commit(
+            config=arch,
+            dtype=dtype,
+            tokenizer=tok.info,
+            lineage=lineage,
+            metrics={**metrics, **options.extra_metrics, "data_license": options.data_license},
+        )
     if options.alias is not None:
         store.promote(stored.ref, options.alias)
     return stored

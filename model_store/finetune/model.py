@@ -63,11 +63,17 @@ def build_model(store: ModelStore, config: TrainConfig, tok: TokenizerSource) ->
         from transformers import GPT2Config, GPT2LMHeadModel
 
         hf = GPT2Config(
-            n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, n_positions=config.n_positions,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_embd=config.n_embd,
+            n_positions=config.n_positions,
             vocab_size=tok.tokenizer.get_vocab_size(with_added_tokens=True),
-            bos_token_id=tok.info.bos_token_id, eos_token_id=tok.info.eos_token_id,
-            attn_pdrop=config.dropout, embd_pdrop=config.dropout, resid_pdrop=config.dropout,
-        )  # fmt: skip
+            bos_token_id=tok.info.bos_token_id,
+            eos_token_id=tok.info.eos_token_id,
+            attn_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            resid_pdrop=config.dropout,
+        )
         torch.manual_seed(config.seed)
         model = GPT2LMHeadModel(hf)
     else:
@@ -75,8 +81,7 @@ def build_model(store: ModelStore, config: TrainConfig, tok: TokenizerSource) ->
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = config.dropout
-        model.config.update({"attn_pdrop": config.dropout, "embd_pdrop": config.dropout,
-                             "resid_pdrop": config.dropout})  # fmt: skip
+        model.config.update({"attn_pdrop": config.dropout, "embd_pdrop": config.dropout, "resid_pdrop": config.dropout})
     model.config.use_cache = False
     model.requires_grad_(True)
     if config.lora:
@@ -90,9 +95,13 @@ def add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     except ImportError:
         raise StoreError("LoRA needs peft: pip install -e '.[train]'") from None
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(LORA_TARGETS), fan_in_fan_out=True, bias="none",
-    )  # fmt: skip
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(LORA_TARGETS),
+        fan_in_fan_out=True,
+        bias="none",
+    )
     torch.manual_seed(config.seed)  # adapter A matrices are random
     return get_peft_model(model, lora)
 

@@ -50,8 +50,9 @@ def unlikelihood(log_probs: torch.Tensor, targets: torch.Tensor, noise: torch.Te
     return (penalty * valid).sum() / valid.sum().clamp(min=1)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor | None = None,
-            weight: float = 0.0) -> LossParts:  # fmt: skip
+def lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor | None = None, weight: float = 0.0
+) -> LossParts:
     """(B, T, V) logits, (B, T) targets; noise (B, T, K) or None."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
     ce = F.nll_loss(log_probs.flatten(0, 1), targets.flatten())

@@ -25,12 +25,19 @@ from ..hardware import has_bf16_matrix_units
 from ..refs import parse_ref, validate_alias, validate_name
 from ..registry import ModelStore, StoredVersion
 from .checkpoint import (
-    CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, atomic_save, load_checkpoint, rng_state, set_rng_state, truncate_log,
-)  # fmt: skip
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    LOG_FILE,
+    atomic_save,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+    truncate_log,
+)
 from .config import RunOptions, TrainConfig, read_config
 from .data import Dataset, SampleOrder, load_dataset, micro_batch_positions
 from .distributed import Group, process_group
-from .model import TokenizerSource, build_model, load_tokenizer, resolve_base, trainable_state, load_trainable_state
+from .model import TokenizerSource, build_model, load_tokenizer, load_trainable_state, resolve_base, trainable_state
 from .objective import lm_loss, noise_generator, sample_noise
 
 
@@ -124,10 +131,14 @@ def _as_saved(value: Any) -> Any:
 
 def _load_data(config: TrainConfig, tok: TokenizerSource) -> Dataset:
     return load_dataset(
-        [Path(p) for p in config.data], [Path(p) for p in config.eval_file], tok.tokenizer,
-        eos_id=tok.info.eos_token_id, block_size=config.block_size, eval_fraction=config.eval_fraction,
+        [Path(p) for p in config.data],
+        [Path(p) for p in config.eval_file],
+        tok.tokenizer,
+        eos_id=tok.info.eos_token_id,
+        block_size=config.block_size,
+        eval_fraction=config.eval_fraction,
         seed=config.seed,
-    )  # fmt: skip
+    )
 
 
 def _start_run_dir(run_dir: Path, config: TrainConfig) -> None:
@@ -150,8 +161,9 @@ def use_bf16(mode: str, device: torch.device) -> bool:
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, config: TrainConfig, dataset: Dataset, group: Group,
-                 options: RunOptions) -> None:  # fmt: skip
+    def __init__(
+        self, model: torch.nn.Module, config: TrainConfig, dataset: Dataset, group: Group, options: RunOptions
+    ) -> None:
         self.config, self.dataset, self.group, self.options = config, dataset, group, options
         self.module = model.to(group.device)
         self.net = self.module
@@ -178,8 +190,9 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         c, sums = self.config, torch.zeros(3, dtype=torch.float64)
         for micro in range(c.grad_accum):
-            start = micro_batch_positions(step, micro, self.group.rank, batch_size=c.batch_size,
-                                          grad_accum=c.grad_accum, world_size=c.world_size)  # fmt: skip
+            start = micro_batch_positions(
+                step, micro, self.group.rank, batch_size=c.batch_size, grad_accum=c.grad_accum, world_size=c.world_size
+            )
             block = self.dataset.train.tokens[self.order.blocks(start, c.batch_size)]  # (B, T + 1)
             inputs, targets = block[:, :-1], block[:, 1:]
             noise = self._noise(start, targets) if c.negatives else None
@@ -205,8 +218,10 @@ class Trainer:
 
     def _noise(self, start: int, targets: torch.Tensor) -> torch.Tensor:
         c = self.config
-        rows = [sample_noise(t, self.unigram, c.negatives, noise_generator(c.seed, start + i))
-                for i, t in enumerate(targets)]  # fmt: skip
+        rows = [
+            sample_noise(t, self.unigram, c.negatives, noise_generator(c.seed, start + i))
+            for i, t in enumerate(targets)
+        ]
         return torch.stack(rows).to(self.group.device)  # (B, T, K)
 
     def _autocast(self):
@@ -233,8 +248,14 @@ class Trainer:
 
     def run(self) -> RunState:
         c, s = self.config, self.state
-        bar = tqdm(total=c.steps, initial=s.step, unit="step", file=sys.stderr, dynamic_ncols=True,
-                   disable=not (self.options.progress and self.group.is_main))  # fmt: skip
+        bar = tqdm(
+            total=c.steps,
+            initial=s.step,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (self.options.progress and self.group.is_main),
+        )
         with bar:
             while s.step < c.steps and not s.stopped_early:
                 began = time.perf_counter()
@@ -261,8 +282,10 @@ class Trainer:
             s.evals_since_best += 1
             if self.config.patience is not None and s.evals_since_best >= self.config.patience:
                 s.stopped_early = True
-                self._say(f"early stop at step {s.step}: no improvement in {s.evals_since_best} evaluations "
-                          f"(best {s.best_eval_loss:.4f} at step {s.best_step})")  # fmt: skip
+                self._say(
+                    f"early stop at step {s.step}: no improvement in {s.evals_since_best} evaluations "
+                    f"(best {s.best_eval_loss:.4f} at step {s.best_step})"
+                )
         return loss
 
     def _log(self, record: dict[str, Any]) -> None:

@@ -27,9 +27,11 @@ def chat_prompt(messages: list[ChatMessage], backend) -> list[int]:
     if info.chat_template:
         try:
             text = _template(info.chat_template).render(
-                messages=[m.model_dump() for m in messages], add_generation_prompt=True,
-                eos_token=eos or "", bos_token=eos or "",
-            )  # fmt: skip
+                messages=[m.model_dump() for m in messages],
+                add_generation_prompt=True,
+                eos_token=eos or "",
+                bos_token=eos or "",
+            )
         except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
             # A sandbox refusal (SecurityError is a TemplateError), an over-long range() (OverflowError), a
             # template indexing or calling what these messages lack: the template cannot render them.

@@ -106,7 +106,9 @@ async def _serve(request: Request, req, prepare, stream, body) -> Response:
     return JSONResponse(body(req, call, choices))
 
 
-async def _resumed(read: list[bytes], pending: asyncio.Future | None, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _resumed(
+    read: list[bytes], pending: asyncio.Future | None, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
     """The stream from where `read_until_admitted` left it."""
     try:
         for chunk in read:
@@ -145,8 +147,14 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
         jobs = []
         for prompt in prompts:
             max_tokens = _max_tokens(req.max_tokens, len(prompt.token_ids), backend.max_model_len, req.echo)
-            params = sampling_params(req, server.config, backend.vocab_size, max_tokens=max_tokens,
-                                     logprobs=req.logprobs, prompt_logprobs=req.logprobs if echo_logprobs else None)  # fmt: skip
+            params = sampling_params(
+                req,
+                server.config,
+                backend.vocab_size,
+                max_tokens=max_tokens,
+                logprobs=req.logprobs,
+                prompt_logprobs=req.logprobs if echo_logprobs else None,
+            )
             jobs.append(Job(server.request_id("cmpl"), prompt.token_ids, params))
         return prompts, jobs
 
@@ -154,16 +162,24 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
 
 
 def _completion_body(req: CompletionRequest, call: _Call, choices: list["Choice"]) -> dict:
-    return {"id": call.request_id, "object": "text_completion", "created": int(time.time()),
-            "model": call.backend.model_id, "usage": call.usage,
-            "choices": [_completion_choice(i, c, req, call.backend) for i, c in enumerate(choices)]}  # fmt: skip
+    return {
+        "id": call.request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": call.backend.model_id,
+        "usage": call.usage,
+        "choices": [_completion_choice(i, c, req, call.backend) for i, c in enumerate(choices)],
+    }
 
 
 def _max_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int, echo: bool) -> int:
     if max_tokens is None:
         max_tokens = max(max_model_len - prompt_len, 0)
     if max_tokens < (0 if echo else 1):
-        raise invalid(f"max_tokens must be at least {0 if echo else 1}{'' if echo else ' (0 only with echo)'}, got {max_tokens}", "max_tokens")
+        raise invalid(
+            f"max_tokens must be at least {0 if echo else 1}{'' if echo else ' (0 only with echo)'}, got {max_tokens}",
+            "max_tokens",
+        )
     check_context(prompt_len, max_tokens, max_model_len)
     return max_tokens
 
@@ -197,8 +213,11 @@ def _completion_choice(index: int, c: Choice, req: CompletionRequest, backend) -
 def _usage(prompts: list[PromptInput], choices: list[Choice]) -> dict:
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion_tokens = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 async def _stream_completion(req: CompletionRequest, call: _Call) -> AsyncIterator[bytes]:
@@ -206,8 +225,15 @@ async def _stream_completion(req: CompletionRequest, call: _Call) -> AsyncIterat
     choices = [Choice(call.prompts[i // n]) for i in range(len(call.jobs) * n)]
 
     def chunk(index: int, text: str, logprobs, finish_reason) -> bytes:
-        return sse({"id": call.request_id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]})  # fmt: skip
+        return sse(
+            {
+                "id": call.request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+            }
+        )
 
     started: set[int] = set()
     async for i, out in merged(backend, call.metrics, call.jobs, on_admitted=call.admitted.set):
@@ -226,8 +252,16 @@ async def _stream_completion(req: CompletionRequest, call: _Call) -> AsyncIterat
             yield chunk(index, prefix + out.text, logprobs, _finish_reason(out))
     call.usage.update(_usage(call.prompts, choices))
     if req.stream_options and req.stream_options.include_usage:
-        yield sse({"id": call.request_id, "object": "text_completion", "created": created, "model": model,
-                   "choices": [], "usage": call.usage})  # fmt: skip
+        yield sse(
+            {
+                "id": call.request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": call.usage,
+            }
+        )
 
 
 @router.post("/v1/chat/completions")
@@ -236,7 +270,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
         ids = chat_prompt(req.messages, backend)
         max_tokens = _max_tokens(req.max_completion_tokens or req.max_tokens, len(ids), backend.max_model_len, False)
         top = req.top_logprobs if req.logprobs else None
-        params = sampling_params(req, server.config, backend.vocab_size, max_tokens=max_tokens, logprobs=top, prompt_logprobs=None)
+        params = sampling_params(
+            req, server.config, backend.vocab_size, max_tokens=max_tokens, logprobs=top, prompt_logprobs=None
+        )
         return [PromptInput(ids, "")], [Job(server.request_id("chatcmpl"), ids, params)]
 
     return await _serve(request, req, prepare, _stream_chat, _chat_body)
@@ -244,19 +280,38 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
 
 def _chat_body(req: ChatCompletionRequest, call: _Call, choices: list[Choice]) -> dict:
     return {
-        "id": call.request_id, "object": "chat.completion", "created": int(time.time()),
-        "model": call.backend.model_id, "usage": call.usage,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                     "logprobs": _chat_logprobs(c.entries, call.backend) if req.logprobs else None,
-                     "finish_reason": c.finish_reason or "length"} for i, c in enumerate(choices)],
-    }  # fmt: skip
+        "id": call.request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": call.backend.model_id,
+        "usage": call.usage,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(c.entries, call.backend) if req.logprobs else None,
+                "finish_reason": c.finish_reason or "length",
+            }
+            for i, c in enumerate(choices)
+        ],
+    }
 
 
 def _chat_logprobs(entries: list[LogprobEntry], backend) -> dict:
     strings = backend.token_strings
-    return {"content": [{"token": strings(e.token_id), "logprob": e.logprob, "bytes": list(strings.raw(e.token_id)),
-                         "top_logprobs": [{"token": strings(t), "logprob": lp, "bytes": list(strings.raw(t))} for t, lp in e.top or []]}
-                        for e in entries]}  # fmt: skip
+    return {
+        "content": [
+            {
+                "token": strings(e.token_id),
+                "logprob": e.logprob,
+                "bytes": list(strings.raw(e.token_id)),
+                "top_logprobs": [
+                    {"token": strings(t), "logprob": lp, "bytes": list(strings.raw(t))} for t, lp in e.top or []
+                ],
+            }
+            for e in entries
+        ]
+    }
 
 
 async def _stream_chat(req: ChatCompletionRequest, call: _Call) -> AsyncIterator[bytes]:
@@ -264,8 +319,15 @@ async def _stream_chat(req: ChatCompletionRequest, call: _Call) -> AsyncIterator
     choices = [Choice(call.prompts[0]) for _ in range(req.n)]
 
     def chunk(index: int, delta: dict, finish_reason, logprobs=None) -> bytes:
-        return sse({"id": call.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})  # fmt: skip
+        return sse(
+            {
+                "id": call.request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+            }
+        )
 
     for i in range(req.n):
         yield chunk(i, {"role": "assistant", "content": ""}, None)
@@ -277,5 +339,13 @@ async def _stream_chat(req: ChatCompletionRequest, call: _Call) -> AsyncIterator
             yield chunk(out.index, {"content": out.text} if out.text else {}, _finish_reason(out), logprobs)
     call.usage.update(_usage(call.prompts, choices))
     if req.stream_options and req.stream_options.include_usage:
-        yield sse({"id": call.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [], "usage": call.usage})  # fmt: skip
+        yield sse(
+            {
+                "id": call.request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": call.usage,
+            }
+        )

@@ -60,22 +60,35 @@ def prompt_inputs(prompt, tokenizer: Tokenizer, vocab_size: int, param: str = "p
 def check_model(model: str | None, backend) -> None:
     """A request may name the served model as `name`, `name@version` or not at all."""
     if model and model not in (backend.name, backend.model_id):
-        raise APIError(404, f"model {model!r} is not served here; this server serves {backend.model_id!r}",
-                       "model", "model_not_found")  # fmt: skip
+        raise APIError(
+            404,
+            f"model {model!r} is not served here; this server serves {backend.model_id!r}",
+            "model",
+            "model_not_found",
+        )
 
 
 def check_context(prompt_len: int, max_tokens: int, max_model_len: int, param: str = "max_tokens") -> None:
     if prompt_len + max_tokens > max_model_len:
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
-                       f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
-                       f"for the completion). Please reduce the prompt or the completion length.",
-                       param, "context_length_exceeded")  # fmt: skip
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
+            f"for the completion). Please reduce the prompt or the completion length.",
+            param,
+            "context_length_exceeded",
+        )
 
 
 def sampling_params(
-    req: _Sampling, config: ServiceConfig, vocab_size: int, *, max_tokens: int, logprobs: int | None,
+    req: _Sampling,
+    config: ServiceConfig,
+    vocab_size: int,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
     prompt_logprobs: int | None,
-) -> SamplingParams:  # fmt: skip
+) -> SamplingParams:
     """Request fields -> engine parameters, after the checks that depend on the model or the config."""
     if req.n > config.max_n:
         raise invalid(f"n is {req.n}; this server allows at most {config.max_n}", "n")
@@ -103,12 +116,24 @@ def sampling_params(
     if req.min_tokens > max_tokens:
         raise invalid(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens")
     return SamplingParams(
-        temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p, min_p=req.min_p,
-        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, logit_bias=bias, seed=req.seed, max_tokens=max_tokens,
-        min_tokens=req.min_tokens, stop=tuple(stop), stop_token_ids=tuple(stop_ids), ignore_eos=req.ignore_eos,
-        logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=req.n,
-    )  # fmt: skip
+        temperature=req.temperature,
+        top_k=max(req.top_k, 0),
+        top_p=req.top_p,
+        min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        logit_bias=bias,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=tuple(stop),
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        n=req.n,
+    )
 
 
 class TokenStrings:

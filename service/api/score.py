@@ -95,12 +95,20 @@ def _params(req: ScoreRequest) -> SamplingParams:
 def _token_ids(text: str, bos: list[int], backend, param: str, limit: int | None) -> list[int]:
     ids = bos + encode(backend.loaded.tokenizer, text)
     if len(ids) < 2:
-        raise invalid("nothing to score: the text must have at least one token after the first" +
-                      ("" if bos else " (or use add_bos)"), param)  # fmt: skip
+        raise invalid(
+            "nothing to score: the text must have at least one token after the first"
+            + ("" if bos else " (or use add_bos)"),
+            param,
+        )
     if limit is not None and len(ids) > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, the text has "
-                       f"{len(ids)} tokens{' with the EOS prefix' if bos else ''}. Use \"rolling\": true to score "
-                       "longer texts in windows.", param, "context_length_exceeded")  # fmt: skip
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, the text has "
+            f'{len(ids)} tokens{" with the EOS prefix" if bos else ""}. Use "rolling": true to score '
+            "longer texts in windows.",
+            param,
+            "context_length_exceeded",
+        )
     return ids
 
 
@@ -123,7 +131,9 @@ def _entries(entries: list[TokenLogprob], strings, top: int) -> dict:
         "is_greedy": [e.greedy for e in entries],
     }
     if top:
-        body["top_logprobs"] = [[{"token": strings(t), "token_id": t, "logprob": lp} for t, lp in e.top] for e in entries]
+        body["top_logprobs"] = [
+            [{"token": strings(t), "token_id": t, "logprob": lp} for t, lp in e.top] for e in entries
+        ]
     return body
 
 
@@ -137,11 +147,18 @@ async def _run(backend, server, jobs: list[Job]) -> list[list[TokenLogprob]]:
 
 async def _texts_scores(req: ScoreRequest, texts: list[str], backend, server, bos: list[int]) -> dict:
     many = not isinstance(req.text, str)
-    ids = [_token_ids(t, bos, backend, f"text[{i}]" if many else "text", backend.max_model_len) for i, t in enumerate(texts)]
+    ids = [
+        _token_ids(t, bos, backend, f"text[{i}]" if many else "text", backend.max_model_len)
+        for i, t in enumerate(texts)
+    ]
     jobs = [Job(server.request_id("score"), t, _params(req), score_from=1) for t in ids]
     results = await _run(backend, server, jobs)
-    return {"results": [{"index": i, **_entries(r, backend.token_strings, req.top_logprobs)} for i, r in enumerate(results)],
-            "usage": {"prompt_tokens": sum(len(t) for t in ids), "scored_tokens": sum(len(r) for r in results)}}  # fmt: skip
+    return {
+        "results": [
+            {"index": i, **_entries(r, backend.token_strings, req.top_logprobs)} for i, r in enumerate(results)
+        ],
+        "usage": {"prompt_tokens": sum(len(t) for t in ids), "scored_tokens": sum(len(r) for r in results)},
+    }
 
 
 async def _continuations(req: ScoreRequest, backend, server, bos: list[int]) -> dict:
@@ -156,14 +173,26 @@ async def _continuations(req: ScoreRequest, backend, server, bos: list[int]) -> 
             raise invalid("a continuation is empty", f"continuations[{i}]")
         check_context(len(context), len(cont), backend.max_model_len, f"continuations[{i}]")
         leader = jobs[0].request_id if jobs else None
-        jobs.append(Job(server.request_id("score"), context + cont, _params(req), score_from=len(context),
-                        shares_prefix_with=leader))  # fmt: skip
+        jobs.append(
+            Job(
+                server.request_id("score"),
+                context + cont,
+                _params(req),
+                score_from=len(context),
+                shares_prefix_with=leader,
+            )
+        )
     results = await _run(backend, server, jobs)
-    body = [{"index": i, "continuation": c, **_entries(r, backend.token_strings, req.top_logprobs)}
-            for i, (c, r) in enumerate(zip(req.continuations, results))]  # fmt: skip
+    body = [
+        {"index": i, "continuation": c, **_entries(r, backend.token_strings, req.top_logprobs)}
+        for i, (c, r) in enumerate(zip(req.continuations, results))
+    ]
     prompt_tokens = len(context) + sum(len(j.token_ids) - len(context) for j in jobs)
-    return {"context_tokens": len(context), "results": body,
-            "usage": {"prompt_tokens": prompt_tokens, "scored_tokens": sum(len(r) for r in results)}}  # fmt: skip
+    return {
+        "context_tokens": len(context),
+        "results": body,
+        "usage": {"prompt_tokens": prompt_tokens, "scored_tokens": sum(len(r) for r in results)},
+    }
 
 
 async def _rolling(req: ScoreRequest, texts: list[str], backend, server, bos: list[int]) -> dict:
@@ -171,32 +200,49 @@ async def _rolling(req: ScoreRequest, texts: list[str], backend, server, bos: li
     stride = req.stride or max(max_len // 2, 1)
     if stride > max_len:
         raise invalid(f"stride {stride} exceeds the context length {max_len}", "stride")
-    all_ids = [_token_ids(t, bos, backend, f"text[{i}]" if len(texts) > 1 else "text", None) for i, t in enumerate(texts)]
+    all_ids = [
+        _token_ids(t, bos, backend, f"text[{i}]" if len(texts) > 1 else "text", None) for i, t in enumerate(texts)
+    ]
     # Windows start every `stride` tokens: a small stride multiplies the work by up to max_len. Cap it at
     # what the largest plain request may compute, MAX_PROMPTS full contexts.
     limit = MAX_PROMPTS * max_len
     work = sum((1 + -(-max(len(ids) - max_len, 0) // stride)) * min(len(ids), max_len) for ids in all_ids)
     if work > limit:
-        raise invalid(f"rolling with stride {stride} computes about {work} tokens here; the limit is {limit} "
-                      f"({MAX_PROMPTS} full contexts): use a larger stride (default {max(max_len // 2, 1)}) or "
-                      "less text", "stride")  # fmt: skip
+        raise invalid(
+            f"rolling with stride {stride} computes about {work} tokens here; the limit is {limit} "
+            f"({MAX_PROMPTS} full contexts): use a larger stride (default {max(max_len // 2, 1)}) or "
+            "less text",
+            "stride",
+        )
     out, prompt_tokens = [], 0
     for i, (text, ids) in enumerate(zip(texts, all_ids)):
         windows = rolling_windows(len(ids), max_len, stride)
         scored: list[TokenLogprob] = []
         for start in range(0, len(windows), ROLLING_WINDOWS_IN_FLIGHT):
             batch = windows[start : start + ROLLING_WINDOWS_IN_FLIGHT]
-            jobs = [Job(server.request_id("score"), ids[w.start : w.end], _params(req), score_from=max(w.score_from, 1))
-                    for w in batch]  # fmt: skip
+            jobs = [
+                Job(server.request_id("score"), ids[w.start : w.end], _params(req), score_from=max(w.score_from, 1))
+                for w in batch
+            ]
             for result in await _run(backend, server, jobs):
                 scored += result
             prompt_tokens += sum(len(j.token_ids) for j in jobs)
         total = sum(e.logprob for e in scored)
         num_bytes = len(text.encode("utf-8"))
-        out.append({
-            "index": i, "num_tokens": len(scored), "num_windows": len(windows), "stride": stride,
-            "sum_logprob": total, "mean_logprob": total / len(scored) if scored else 0.0,
-            "perplexity": _perplexity(total, len(scored)), "num_bytes": num_bytes,
-            "bits_per_byte": -total / math.log(2) / num_bytes if num_bytes else 0.0,
-        })  # fmt: skip
-    return {"results": out, "usage": {"prompt_tokens": prompt_tokens, "scored_tokens": sum(r["num_tokens"] for r in out)}}
+        out.append(
+            {
+                "index": i,
+                "num_tokens": len(scored),
+                "num_windows": len(windows),
+                "stride": stride,
+                "sum_logprob": total,
+                "mean_logprob": total / len(scored) if scored else 0.0,
+                "perplexity": _perplexity(total, len(scored)),
+                "num_bytes": num_bytes,
+                "bits_per_byte": -total / math.log(2) / num_bytes if num_bytes else 0.0,
+            }
+        )
+    return {
+        "results": out,
+        "usage": {"prompt_tokens": prompt_tokens, "scored_tokens": sum(r["num_tokens"] for r in out)},
+    }

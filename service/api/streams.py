@@ -25,8 +25,12 @@ T = TypeVar("T")
 def engine_error(exc: BaseException) -> APIError:
     """What an engine-side failure means to the client."""
     if isinstance(exc, QueueFull):
-        return APIError(429, f"the server is at capacity ({exc}); retry shortly", code="rate_limit_exceeded",
-                        headers={"Retry-After": "1"})  # fmt: skip
+        return APIError(
+            429,
+            f"the server is at capacity ({exc}); retry shortly",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, TooLarge):
         return APIError(400, f"the request can never fit in this server's KV cache: {exc}", code="request_too_large")
     if isinstance(exc, EngineDead):
@@ -45,8 +49,9 @@ class Job:
     shares_prefix_with: str | None = None
 
 
-async def merged(backend, metrics: Metrics, jobs: list[Job],
-                 on_admitted: Callable[[], None] | None = None) -> AsyncIterator[tuple[int, EngineOutput]]:  # fmt: skip
+async def merged(
+    backend, metrics: Metrics, jobs: list[Job], on_admitted: Callable[[], None] | None = None
+) -> AsyncIterator[tuple[int, EngineOutput]]:
     """Outputs of several engine requests as they come: (position in `jobs`, output). Leaving early, or
     any request failing, aborts all of them; the first failure is raised. Finished sequences are counted
     in the metrics here, once for every endpoint. `on_admitted` is called once the engine has queued
@@ -63,11 +68,13 @@ async def merged(backend, metrics: Metrics, jobs: list[Job],
 
     async def pump(i: int, job: Job) -> None:
         try:
-            async for out in engine.generate(job.request_id, job.token_ids, job.params, job.score_from,
-                                             job.shares_prefix_with, on_admit=admitted):  # fmt: skip
+            async for out in engine.generate(
+                job.request_id, job.token_ids, job.params, job.score_from, job.shares_prefix_with, on_admit=admitted
+            ):
                 if out.stats is not None:
-                    metrics.sequence_finished(backend.labels, out.stats, out.finish_reason,
-                                              len(out.prompt_logprobs or ()))  # fmt: skip
+                    metrics.sequence_finished(
+                        backend.labels, out.stats, out.finish_reason, len(out.prompt_logprobs or ())
+                    )
                 queue.put_nowait((i, out))
         except asyncio.CancelledError:  # the client left, or a sibling failed: generate() aborted it
             metrics.aborts.labels(*backend.labels).inc()
@@ -95,7 +102,9 @@ async def merged(backend, metrics: Metrics, jobs: list[Job],
         await asyncio.gather(*tasks, return_exceptions=True)  # their `finally` aborts the engine requests
 
 
-async def read_until_admitted(chunks: AsyncIterator[bytes], admitted: asyncio.Event) -> tuple[list[bytes], asyncio.Future | None]:
+async def read_until_admitted(
+    chunks: AsyncIterator[bytes], admitted: asyncio.Event
+) -> tuple[list[bytes], asyncio.Future | None]:
     """Read a stream's first chunks until its engine requests are admitted, so that a refusal at admission
     (queue full: 429 with Retry-After; too large: 400) raises here, before the response has started, and
     reaches the client as its HTTP status rather than as an error event in a 200 stream. Returns the chunks

@@ -39,11 +39,16 @@ async def metrics(request: Request) -> Response:
 
 def model_card(backend) -> dict:
     return {
-        "id": backend.model_id, "object": "model", "created": backend.created,
-        "owned_by": "gpt2-serve", "root": backend.name, "version": backend.version,
-        "max_model_len": backend.max_model_len, "dtype": str(backend.loaded.dtype).removeprefix("torch."),
+        "id": backend.model_id,
+        "object": "model",
+        "created": backend.created,
+        "owned_by": "gpt2-serve",
+        "root": backend.name,
+        "version": backend.version,
+        "max_model_len": backend.max_model_len,
+        "dtype": str(backend.loaded.dtype).removeprefix("torch."),
         "device": str(backend.loaded.device),
-    }  # fmt: skip
+    }
 
 
 @router.get("/v1/models")
@@ -73,11 +78,16 @@ async def tokenizer_info(request: Request) -> dict:
         tokenizer, info = backend.loaded.tokenizer, backend.loaded.manifest.tokenizer
         token = lambda i: None if i is None else tokenizer.id_to_token(i)  # noqa: E731
         return {
-            "eos_token": token(info.eos_token_id), "bos_token": token(info.bos_token_id), "pad_token": None,
-            "eos_token_id": info.eos_token_id, "bos_token_id": info.bos_token_id,
-            "chat_template": info.chat_template, "model_max_length": backend.max_model_len,
-            "vocab_size": backend.vocab_size, "add_bos_token": False,
-        }  # fmt: skip
+            "eos_token": token(info.eos_token_id),
+            "bos_token": token(info.bos_token_id),
+            "pad_token": None,
+            "eos_token_id": info.eos_token_id,
+            "bos_token_id": info.bos_token_id,
+            "chat_template": info.chat_template,
+            "model_max_length": backend.max_model_len,
+            "vocab_size": backend.vocab_size,
+            "add_bos_token": False,
+        }
 
 
 @router.post("/tokenize")

@@ -43,8 +43,12 @@ _ADMITTED = object()  # sent to a request's queue once the engine has queued it
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_step: Callable[[StepStats], None] | None = None,
-                 on_death: Callable[[BaseException], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        on_step: Callable[[StepStats], None] | None = None,
+        on_death: Callable[[BaseException], None] | None = None,
+    ) -> None:
         """`on_step` is called on the engine thread after every step (metrics); it must not block.
         `on_death` is called on the engine thread, once, if a step fails and the thread stops."""
         self.engine, self._on_step, self._on_death = engine, on_step, on_death
@@ -73,9 +77,14 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive()
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, score_from: int | None = None,
-        shares_prefix_with: str | None = None, on_admit: Callable[[], None] | None = None,
-    ) -> AsyncIterator[EngineOutput]:  # fmt: skip
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        score_from: int | None = None,
+        shares_prefix_with: str | None = None,
+        on_admit: Callable[[], None] | None = None,
+    ) -> AsyncIterator[EngineOutput]:
         """Stream a request's outputs (all `n` samples interleaved, told apart by `index`) until every
         sample has finished. Leaving the iteration early (client gone) aborts the request. `score_from` and
         `shares_prefix_with` are `Engine.add`'s. `on_admit` is called once the engine has queued the
@@ -155,8 +164,13 @@ class AsyncEngine:
         else:
             self._applied += command.params.num_samples  # before the add: the estimate may lag, never double count
             try:
-                self.engine.add(command.request_id, command.prompt_token_ids, command.params, command.score_from,
-                                command.shares_prefix_with)  # fmt: skip
+                self.engine.add(
+                    command.request_id,
+                    command.prompt_token_ids,
+                    command.params,
+                    command.score_from,
+                    command.shares_prefix_with,
+                )
             except Exception as exc:  # QueueFull, TooLarge: the request's own error, not the engine's
                 self._loop.call_soon_threadsafe(command.out.put_nowait, exc)
             else:

@@ -83,9 +83,13 @@ class Engine:
         self.last_step: StepStats | None = None
 
     def add(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, score_from: int | None = None,
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        score_from: int | None = None,
         shares_prefix_with: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Queue a request. `max_tokens == 0` scores the prompt without generating. With
         `params.prompt_logprobs` set, logprobs of prompt tokens from `score_from` (default 1) are returned
         (with sample 0's outputs); tokens before `score_from` may be served from the prefix cache (context +
@@ -97,20 +101,31 @@ class Engine:
         if params.prompt_logprobs is not None and score_from is None:
             score_from = 1
         arrival, tokens = time.monotonic(), list(prompt_token_ids)
-        first = Sequence(request_id, tokens, params, score_only=params.max_tokens == 0, score_from=score_from,
-                         arrival=arrival)  # fmt: skip
+        first = Sequence(
+            request_id, tokens, params, score_only=params.max_tokens == 0, score_from=score_from, arrival=arrival
+        )
         leader = self.requests.get((shares_prefix_with, 0)) if shares_prefix_with is not None else None
         if leader is not None:
             first.waits_for, first.wait_tokens = leader.seq, _common_prefix(leader.seq.token_ids, tokens)
-        samples = [first] + [Sequence(request_id, list(tokens), params, arrival=arrival, index=i, waits_for=first,
-                                      wait_tokens=len(tokens)) for i in range(1, params.num_samples)]  # fmt: skip
+        samples = [first] + [
+            Sequence(
+                request_id, list(tokens), params, arrival=arrival, index=i, waits_for=first, wait_tokens=len(tokens)
+            )
+            for i in range(1, params.num_samples)
+        ]
         self.scheduler.add(*samples)  # raises QueueFull / TooLarge before anything is recorded
         for seq in samples:
             seed = None if params.seed is None else params.seed + seq.index
             generator = make_generator(seed, self.loaded.device) if seed is not None else None
             stats = RequestStats(seq.arrival, seq.num_prompt_tokens)
-            self.requests[seq.key] = _Request(seq, generator, IncrementalDetokenizer(self.token_bytes),
-                                              StopChecker(params.stop), stats, [] if seq.score_from is not None else None)  # fmt: skip
+            self.requests[seq.key] = _Request(
+                seq,
+                generator,
+                IncrementalDetokenizer(self.token_bytes),
+                StopChecker(params.stop),
+                stats,
+                [] if seq.score_from is not None else None,
+            )
 
     def abort(self, request_id: str) -> None:
         """Abort every sample of a request; its KV is free for the next step."""
@@ -134,10 +149,19 @@ class Engine:
         self.last_step = self.state(len(batch.seqs), batch.num_tokens, len(batch.preempted), time.monotonic() - start)
         return outputs
 
-    def state(self, num_seqs: int = 0, num_tokens: int = 0, num_preempted: int = 0, duration_s: float = 0.0) -> StepStats:
+    def state(
+        self, num_seqs: int = 0, num_tokens: int = 0, num_preempted: int = 0, duration_s: float = 0.0
+    ) -> StepStats:
         """Running, waiting and KV usage now; with the defaults, a step that computed nothing."""
-        return StepStats(num_seqs, num_tokens, num_preempted, len(self.scheduler.running),
-                         len(self.scheduler.waiting), self.kv.usage, duration_s)  # fmt: skip
+        return StepStats(
+            num_seqs,
+            num_tokens,
+            num_preempted,
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            self.kv.usage,
+            duration_s,
+        )
 
     def _run(self, batch) -> list[EngineOutput]:
         result = self.runner.run(batch)
@@ -148,8 +172,16 @@ class Engine:
         outputs = [self._finish_scoring(s) for s in batch.seqs if s.score_only and s.num_uncomputed == 0]
         sampling = [(s, lg) for s, lg in zip(batch.seqs, result.last_logits) if lg is not None and not s.score_only]
         if sampling:
-            rows = [SamplingRow(s.params, self.requests[s.key].generator, s.token_ids[: s.num_prompt_tokens],
-                                s.output_token_ids, self._banned(s)) for s, _ in sampling]  # fmt: skip
+            rows = [
+                SamplingRow(
+                    s.params,
+                    self.requests[s.key].generator,
+                    s.token_ids[: s.num_prompt_tokens],
+                    s.output_token_ids,
+                    self._banned(s),
+                )
+                for s, _ in sampling
+            ]
             sampled = self.sampler(torch.stack([logits for _, logits in sampling]), rows)
             outputs += [self._update(s, i, sampled) for i, (s, _) in enumerate(sampling)]
         return outputs
@@ -170,8 +202,14 @@ class Engine:
     def _finish_scoring(self, seq: Sequence) -> EngineOutput:
         request = self.requests.pop(seq.key)
         self.scheduler.finish(seq, FinishReason.LENGTH)
-        return EngineOutput(seq.request_id, [], "", finish_reason=FinishReason.LENGTH,
-                            prompt_logprobs=request.prompt_logprobs, stats=self._final_stats(request))  # fmt: skip
+        return EngineOutput(
+            seq.request_id,
+            [],
+            "",
+            finish_reason=FinishReason.LENGTH,
+            prompt_logprobs=request.prompt_logprobs,
+            stats=self._final_stats(request),
+        )
 
     def _update(self, seq: Sequence, i: int, sampled) -> EngineOutput:
         request = self.requests[seq.key]
@@ -182,7 +220,9 @@ class Engine:
         reason = FinishReason.STOP if stopped else self._finish_reason(seq, token)
         if reason is not None and not stopped:
             text += self._flush(request)
-        out = EngineOutput(seq.request_id, [token], text, seq.index, [sampled.logprobs[i]], [sampled.top_logprobs[i]], reason)
+        out = EngineOutput(
+            seq.request_id, [token], text, seq.index, [sampled.logprobs[i]], [sampled.top_logprobs[i]], reason
+        )
         if not request.sent_prompt_logprobs:
             out.prompt_logprobs, request.sent_prompt_logprobs = request.prompt_logprobs, True
         if reason is not None:

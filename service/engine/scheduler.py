@@ -72,7 +72,9 @@ class Scheduler:
         for seq in seqs:
             longest = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
             if self.kv.blocks_needed(longest) > self.kv.num_blocks:  # could never run, even alone
-                raise TooLarge(f"{longest} tokens exceed the KV memory ({self.kv.num_blocks * self.kv.block_size} tokens)")
+                raise TooLarge(
+                    f"{longest} tokens exceed the KV memory ({self.kv.num_blocks * self.kv.block_size} tokens)"
+                )
         self.waiting.extend(seqs)
 
     def check_room(self, num_waiting: int, num_seqs: int) -> None:
@@ -80,8 +82,10 @@ class Scheduler:
         the running slots still free. `add` checks it exactly; `AsyncEngine` early, from the event loop."""
         free_slots = max(0, self.config.max_num_seqs - len(self.running))
         if num_waiting + num_seqs > self.config.max_waiting + free_slots:
-            raise QueueFull(f"{num_waiting} sequences are queued (limit {self.config.max_waiting} waiting "
-                            f"beyond {free_slots} free running slots)")  # fmt: skip
+            raise QueueFull(
+                f"{num_waiting} sequences are queued (limit {self.config.max_waiting} waiting "
+                f"beyond {free_slots} free running slots)"
+            )
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()

@@ -10,6 +10,7 @@ from enum import Enum
 from .kv_cache import BlockTable
 from .types import FinishReason, SamplingParams
 
+
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"

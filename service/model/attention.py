@@ -39,9 +39,7 @@ class BatchLayout:
 
     def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The usual positions for this layout: context_len, context_len + 1, ... per sequence. (T,)"""
-        return torch.cat(
-            [torch.arange(c, c + q, device=device) for q, c in zip(self.query_lens, self.context_lens)]
-        )
+        return torch.cat([torch.arange(c, c + q, device=device) for q, c in zip(self.query_lens, self.context_lens)])
 
 
 class KVCache:
@@ -117,8 +115,12 @@ def _decode_index(layout: BatchLayout, block_size: int, device: torch.device) ->
     starts = torch.tensor([0, *layout.query_lens]).cumsum(0)
     lengths = torch.tensor([layout.context_lens[i] + 1 for i in seq_ids])
     num_blocks = -(-int(lengths.max()) // block_size)
-    blocks = torch.tensor([layout.block_tables[i][:num_blocks] + (0,) * (num_blocks - len(layout.block_tables[i][:num_blocks]))
-                           for i in seq_ids])  # fmt: skip
+    blocks = torch.tensor(
+        [
+            layout.block_tables[i][:num_blocks] + (0,) * (num_blocks - len(layout.block_tables[i][:num_blocks]))
+            for i in seq_ids
+        ]
+    )
     mask = torch.arange(num_blocks * block_size) < lengths[:, None]
     return _DecodeIndex(seq_ids, starts[seq_ids].to(device), blocks.to(device), mask[:, None, None, :].to(device))
 
@@ -150,9 +152,14 @@ def attend(
     batched: set[int] = set()
     if index.decode is not None:  # one padded call instead of a Python loop over decoding sequences
         d = index.decode
-        kd, vd = (t.unflatten(0, (d.blocks.shape[0], -1)).transpose(1, 2) for t in cache.gather_blocks(layer, d.blocks.flatten()))
+        kd, vd = (
+            t.unflatten(0, (d.blocks.shape[0], -1)).transpose(1, 2)
+            for t in cache.gather_blocks(layer, d.blocks.flatten())
+        )
         qd = q.index_select(0, d.token_ids).unsqueeze(2)  # (B, H, 1, D); kd, vd: (B, H, L, D)
-        out.index_copy_(0, d.token_ids, F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale).squeeze(2))
+        out.index_copy_(
+            0, d.token_ids, F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale).squeeze(2)
+        )
         batched = set(d.seq_ids)
     start = 0
     for i, (q_len, ctx) in enumerate(zip(layout.query_lens, layout.context_lens)):

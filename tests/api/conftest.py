@@ -39,8 +39,10 @@ def http_store(make_hf_model, tmp_path_factory):
     return root, sources
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}[assistant]{% endif %}")  # fmt: skip
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
 
 
 @pytest.fixture(scope="session")
@@ -62,13 +64,24 @@ class Live:
 def serve(store_root, uvicorn_options=None, **overrides):
     """The app on uvicorn in a thread on 127.0.0.1, once loaded and warmed up; `overrides` are service
     settings, `uvicorn_options` extra `uvicorn.Config` arguments (say, the `http` protocol class)."""
-    env = {"MODEL": "tiny@prod", "MODEL_STORE_ROOT": str(store_root), "DTYPE": "float32", "KV_CACHE_MEMORY": "16MiB",
-           "MAX_NUM_BATCHED_TOKENS": "256", "NUM_THREADS": "1", "SEED": "0", "PORT": str(free_port())}
+    env = {
+        "MODEL": "tiny@prod",
+        "MODEL_STORE_ROOT": str(store_root),
+        "DTYPE": "float32",
+        "KV_CACHE_MEMORY": "16MiB",
+        "MAX_NUM_BATCHED_TOKENS": "256",
+        "NUM_THREADS": "1",
+        "SEED": "0",
+        "PORT": str(free_port()),
+    }
     env.update({k.upper(): str(v) for k, v in overrides.items()})
     config = ServiceConfig.from_env(env)
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_config=None, access_log=False,
-                                           **(uvicorn_options or {})))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=config.port, log_config=None, access_log=False, **(uvicorn_options or {})
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:  # uvicorn sets it once the lifespan (load + warm-up) is done

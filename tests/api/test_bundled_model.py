@@ -31,8 +31,14 @@ def test_card_and_metrics_report_held_out_perplexity_against_the_unigram_baselin
     metrics = version.manifest.metrics
     assert metrics["heldout_perplexity"] < metrics["unigram_perplexity"] / 2
     card = (version.path / "README.md").read_text()
-    for needed in ("unigram baseline", f"{metrics['heldout_perplexity']:.1f}", "greedy:", "sampled:",
-                   "Public domain", "## Corpus and license"):  # fmt: skip
+    for needed in (
+        "unigram baseline",
+        f"{metrics['heldout_perplexity']:.1f}",
+        "greedy:",
+        "sampled:",
+        "Public domain",
+        "## Corpus and license",
+    ):
         assert needed in card, needed
 
 
@@ -40,13 +46,24 @@ def test_the_service_serves_it_by_default(bundled):
     with serve(default_root(), model="default@prod") as live:
         models = live.client.get("/v1/models").json()["data"]
         assert models[0]["id"].startswith("default")
-        body = {"model": "default", "prompt": "It is a truth universally acknowledged", "max_tokens": 12, "temperature": 0}
+        body = {
+            "model": "default",
+            "prompt": "It is a truth universally acknowledged",
+            "max_tokens": 12,
+            "temperature": 0,
+        }
         first = live.client.post("/v1/completions", json=body).json()
         again = live.client.post("/v1/completions", json=body).json()
         assert first["usage"]["completion_tokens"] == 12, json.dumps(first)
         assert first["choices"][0]["text"] == again["choices"][0]["text"]  # greedy is deterministic
         assert first["choices"][0]["text"].strip()
-        scored = live.client.post("/v1/score", json={"model": "default", "context": "In the beginning God created",
-                                                     "continuations": [" the heaven and the earth", " xq zv"]}).json()
+        scored = live.client.post(
+            "/v1/score",
+            json={
+                "model": "default",
+                "context": "In the beginning God created",
+                "continuations": [" the heaven and the earth", " xq zv"],
+            },
+        ).json()
         plausible, noise = scored["results"]
         assert plausible["mean_logprob"] > noise["mean_logprob"]

@@ -27,16 +27,24 @@ def test_openai_sdk_completion_and_stream(sdk):
 
     chunks = list(sdk.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [choice.finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        choice.finish_reason
+    ]
     assert chunks[-1].usage == full.usage
 
-    two = sdk.completions.create(model="tiny", prompt=["The quick brown", "Tokens, positions"], max_tokens=4, temperature=0)
-    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == sdk.completions.create(**{**kwargs, "max_tokens": 4}).choices[0].text
+    two = sdk.completions.create(
+        model="tiny", prompt=["The quick brown", "Tokens, positions"], max_tokens=4, temperature=0
+    )
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == sdk.completions.create(
+        **{**kwargs, "max_tokens": 4}
+    ).choices[0].text
 
 
 def test_openai_sdk_chat_and_stream(sdk):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there."}]
-    full = sdk.chat.completions.create(model="tiny@1", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    full = sdk.chat.completions.create(
+        model="tiny@1", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+    )
     (choice,) = full.choices
     assert full.object == "chat.completion" and choice.message.role == "assistant"
     assert isinstance(choice.message.content, str) and choice.finish_reason in ("length", "stop")
@@ -102,14 +110,22 @@ def evaluate(lm_eval, model: str, model_args: str, cache_dir: Path, batch_size: 
     from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(
-        model=model, model_args=model_args, tasks=task_configs(cache_dir), task_manager=TaskManager(include_defaults=False),
-        batch_size=batch_size, log_samples=True, bootstrap_iters=0, cache_requests=False,
-    )  # fmt: skip
+        model=model,
+        model_args=model_args,
+        tasks=task_configs(cache_dir),
+        task_manager=TaskManager(include_defaults=False),
+        batch_size=batch_size,
+        log_samples=True,
+        bootstrap_iters=0,
+        cache_requests=False,
+    )
 
 
 def completions_requests(live) -> float:
     (family,) = live.server.metrics.requests.collect()
-    return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels["endpoint"] == "/v1/completions")
+    return sum(
+        s.value for s in family.samples if s.name.endswith("_total") and s.labels["endpoint"] == "/v1/completions"
+    )
 
 
 def per_doc(results: dict, task: str) -> list:
@@ -139,7 +155,9 @@ def hf_reference(http_store, lm_eval, tmp_path_factory):
 )
 def test_lm_eval_local_completions_equals_hf(live, http_store, lm_eval, hf_reference, tmp_path, variant):
     # The model's context as max_length (GPT-2 users pass 1024); max_retries=1 so a server error fails fast.
-    args = f"base_url={live.url}/v1/completions,model=tiny@1,max_length=256,max_retries=1," + variant.format(hf_dir=http_store[1][1])
+    args = f"base_url={live.url}/v1/completions,model=tiny@1,max_length=256,max_retries=1," + variant.format(
+        hf_dir=http_store[1][1]
+    )
     batched = "num_concurrent" in variant
     before = completions_requests(live)
     served = evaluate(lm_eval, "local-completions", args, tmp_path, batch_size=4 if batched else 1)
@@ -161,9 +179,16 @@ def test_lm_eval_local_completions_equals_hf(live, http_store, lm_eval, hf_refer
                 continue
             compared[f"{task}/{metric}"] = (got[key], value)
     print("\nserver vs hf:", compared)
-    assert set(compared) == {"tiny_mc/acc", "tiny_mc/acc_norm", "tiny_next/perplexity", "tiny_next/acc",
-                             "tiny_gen/exact_match", "tiny_rolling/word_perplexity", "tiny_rolling/byte_perplexity",
-                             "tiny_rolling/bits_per_byte"}  # fmt: skip
+    assert set(compared) == {
+        "tiny_mc/acc",
+        "tiny_mc/acc_norm",
+        "tiny_next/perplexity",
+        "tiny_next/acc",
+        "tiny_gen/exact_match",
+        "tiny_rolling/word_perplexity",
+        "tiny_rolling/byte_perplexity",
+        "tiny_rolling/bits_per_byte",
+    }
 
     # Beyond the aggregates: every document's scores and generations.
     for task in ("tiny_mc", "tiny_next", "tiny_rolling"):

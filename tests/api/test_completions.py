@@ -23,10 +23,14 @@ def sse_events(text: str) -> list:
 
 def test_greedy_completion_equals_hf_generate(live, hf_tiny, http_store):
     ids = [5, 17, 42, 99, 7]
-    r = live.client.post("/v1/completions", json={"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 0})
+    r = live.client.post(
+        "/v1/completions", json={"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
-    expected = hf_tiny.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    expected = hf_tiny.generate(
+        torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
+    )[0, 5:].tolist()
     choice = body["choices"][0]
     assert choice["text"] == tokenizer(http_store).decode(expected)
     assert len(choice["logprobs"]["tokens"]) == 12 and choice["finish_reason"] == "length"
@@ -35,10 +39,19 @@ def test_greedy_completion_equals_hf_generate(live, hf_tiny, http_store):
 
 
 def test_stream_equals_non_stream_with_n_and_several_prompts(live):
-    req = {"prompt": ["The quick brown", "Tokens, positions"], "n": 2, "max_tokens": 8, "temperature": 0.9, "seed": 3,
-           "ignore_eos": True, "logprobs": 2}
+    req = {
+        "prompt": ["The quick brown", "Tokens, positions"],
+        "n": 2,
+        "max_tokens": 8,
+        "temperature": 0.9,
+        "seed": 3,
+        "ignore_eos": True,
+        "logprobs": 2,
+    }
     full = live.client.post("/v1/completions", json=req).json()
-    streamed = live.client.post("/v1/completions", json={**req, "stream": True, "stream_options": {"include_usage": True}})
+    streamed = live.client.post(
+        "/v1/completions", json={**req, "stream": True, "stream_options": {"include_usage": True}}
+    )
     assert streamed.headers["content-type"].startswith("text/event-stream")
     events = sse_events(streamed.text)
     texts, tokens, finish = {}, {}, {}
@@ -67,7 +80,10 @@ def test_seeded_request_reproducible_and_identical_greedy_requests_agree(live):
 
 def test_echo_logprobs_have_lm_eval_semantics(live, hf_tiny):
     ids = [3, 50, 120, 7, 260, 18]
-    r = live.client.post("/v1/completions", json={"prompt": [ids], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0, "seed": 1234})
+    r = live.client.post(
+        "/v1/completions",
+        json={"prompt": [ids], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0, "seed": 1234},
+    )
     lp = r.json()["choices"][0]["logprobs"]
     ref = torch.log_softmax(hf_tiny(torch.tensor([ids])).logits[0].float(), -1)
     assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt's entries, then the generated token's
@@ -78,7 +94,9 @@ def test_echo_logprobs_have_lm_eval_semantics(live, hf_tiny):
         assert (lp["token_logprobs"][j] == max(lp["top_logprobs"][j].values())) == greedy  # lm-eval's is_greedy
     assert abs(lp["token_logprobs"][-1] - ref[-1].max().item()) <= 1e-4  # the generated (greedy) token
     assert lp["text_offset"] == sorted(lp["text_offset"])
-    zero = live.client.post("/v1/completions", json={"prompt": [ids], "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    zero = live.client.post(
+        "/v1/completions", json={"prompt": [ids], "max_tokens": 0, "echo": True, "logprobs": 0}
+    ).json()
     assert len(zero["choices"][0]["logprobs"]["token_logprobs"]) == len(ids)
     assert zero["usage"]["completion_tokens"] == 0
 
@@ -88,7 +106,9 @@ def test_stream_echo_sends_prompt_first(live):
     full = live.client.post("/v1/completions", json=req).json()["choices"][0]
     events = sse_events(live.client.post("/v1/completions", json={**req, "stream": True}).text)
     assert "".join(e["choices"][0]["text"] for e in events) == full["text"]
-    assert [t for e in events for t in e["choices"][0]["logprobs"]["token_logprobs"]] == full["logprobs"]["token_logprobs"]
+    assert [t for e in events for t in e["choices"][0]["logprobs"]["token_logprobs"]] == full["logprobs"][
+        "token_logprobs"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -125,15 +145,21 @@ def test_bad_input_is_a_400_in_the_openai_shape(live, body, param, code):
 
 def test_context_error_names_both_numbers(live):
     err = live.client.post("/v1/completions", json={"prompt": [1] * 200, "max_tokens": 100}).json()["error"]
-    assert "maximum context length is 256 tokens" in err["message"] and "300 tokens (200 in the prompt, 100 for the completion)" in err["message"]
+    assert (
+        "maximum context length is 256 tokens" in err["message"]
+        and "300 tokens (200 in the prompt, 100 for the completion)" in err["message"]
+    )
 
 
 def test_malformed_json_nan_and_unknown_fields(live):
     r = live.client.post("/v1/completions", content=b'{"prompt": "x", ', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("the body is not valid JSON")
     for value in (b"NaN", b"Infinity", b"1e400"):
-        r = live.client.post("/v1/completions", content=b'{"prompt": "x", "temperature": ' + value + b"}",
-                             headers={"content-type": "application/json"})  # fmt: skip
+        r = live.client.post(
+            "/v1/completions",
+            content=b'{"prompt": "x", "temperature": ' + value + b"}",
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     r = live.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "frobnicate": [1, 2], "user": "u"})
     assert r.status_code == 200
@@ -143,7 +169,9 @@ def test_unknown_model_route_and_method(live):
     r = live.client.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     for name in ("tiny", "tiny@1"):
-        assert live.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "model": name}).status_code == 200
+        assert (
+            live.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "model": name}).status_code == 200
+        )
     r = live.client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = live.client.get("/v1/completions")
@@ -153,18 +181,30 @@ def test_unknown_model_route_and_method(live):
 def test_chat_uses_dialogpt_convention_and_streams_the_same(live, http_store):
     tok = tokenizer(http_store)
     eos = tok.token_to_id("<|endoftext|>")
-    messages = [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "How are you?"}]
+    messages = [
+        {"role": "user", "content": "Hello there."},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "How are you?"},
+    ]
     ids = []
     for m in messages:
         ids += tok.encode(m["content"], add_special_tokens=False).ids + [eos]
-    chat = live.client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0}).json()
+    chat = live.client.post(
+        "/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0}
+    ).json()
     plain = live.client.post("/v1/completions", json={"prompt": ids, "max_tokens": 6, "temperature": 0}).json()
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": plain["choices"][0]["text"]}
     assert chat["usage"] == plain["usage"]
-    events = sse_events(live.client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0, "stream": True}).text)
+    events = sse_events(
+        live.client.post(
+            "/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0, "stream": True}
+        ).text
+    )
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == chat["choices"][0]["message"]["content"]
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in events) == chat["choices"][0]["message"]["content"]
+    )
     assert events[-1]["choices"][0]["finish_reason"] == chat["choices"][0]["finish_reason"]
     r = live.client.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
@@ -174,7 +214,9 @@ def test_chat_uses_the_models_chat_template(http_store):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there."}]
     rendered = "[system] Be brief.\n[user] Hello there.\n[assistant]"
     with serve(http_store[0], model="tiny@3") as live:
-        chat = live.client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5, "temperature": 0}).json()
+        chat = live.client.post(
+            "/v1/chat/completions", json={"messages": messages, "max_tokens": 5, "temperature": 0}
+        ).json()
         plain = live.client.post("/v1/completions", json={"prompt": rendered, "max_tokens": 5, "temperature": 0}).json()
         assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
         assert chat["usage"] == plain["usage"]

@@ -21,8 +21,17 @@ MARKER = "zebra-marker-prompt"
 
 def start(http_store, **env):
     port = free_port()
-    full = {**os.environ, "MODEL": "tiny@prod", "MODEL_STORE_ROOT": str(http_store[0]), "PORT": str(port), "DTYPE": "float32",
-            "KV_CACHE_MEMORY": "16MiB", "MAX_NUM_SEQS": "1", "NUM_THREADS": "1", **env}
+    full = {
+        **os.environ,
+        "MODEL": "tiny@prod",
+        "MODEL_STORE_ROOT": str(http_store[0]),
+        "PORT": str(port),
+        "DTYPE": "float32",
+        "KV_CACHE_MEMORY": "16MiB",
+        "MAX_NUM_SEQS": "1",
+        "NUM_THREADS": "1",
+        **env,
+    }
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads while the server runs
     proc = subprocess.Popen([sys.executable, "-m", "service"], env=full, stdout=log, stderr=log, text=True)
     proc.log = log
@@ -41,8 +50,11 @@ def start(http_store, **env):
 
 def in_engine(url) -> float:
     text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith(("gpt2_serve_num_requests_running{", "gpt2_serve_num_requests_waiting{")))  # fmt: skip
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(("gpt2_serve_num_requests_running{", "gpt2_serve_num_requests_waiting{"))
+    )
 
 
 def logs(proc) -> str:
@@ -66,7 +78,10 @@ def test_sigterm_drains_then_exits_0(http_store, drain_timeout):
     try:
         first = threading.Event()
         streams = [[] for _ in range(3)]  # one runs, two wait (MAX_NUM_SEQS=1)
-        threads = [threading.Thread(target=stream, args=(url, f"{MARKER} {i}", events, first)) for i, events in enumerate(streams)]
+        threads = [
+            threading.Thread(target=stream, args=(url, f"{MARKER} {i}", events, first))
+            for i, events in enumerate(streams)
+        ]
         for t in threads:
             t.start()
         assert first.wait(60), logs(proc)[-3000:]
@@ -97,7 +112,11 @@ def test_sigterm_drains_then_exits_0(http_store, drain_timeout):
         assert any("error" in json.loads(events[-2]) for events in streams)
     text = logs(proc)
     lines = [parsed for line in text.splitlines() if (parsed := _json(line)) is not None]
-    requests = [line for line in lines if line.get("msg") == "request" and line.get("path") == "/v1/completions" and line["status"] == 200]
+    requests = [
+        line
+        for line in lines
+        if line.get("msg") == "request" and line.get("path") == "/v1/completions" and line["status"] == 200
+    ]
     assert requests and all(len(line["request_id"]) == 32 and line["duration_ms"] > 0 for line in requests)
     if drain_timeout == 60:  # finished streams log their token counts
         assert [line.get("completion_tokens") for line in requests] == [200, 200, 200], requests

@@ -24,7 +24,11 @@ from .conftest import serve
 
 def metric(live, name: str) -> float:
     text = live.client.get("/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def wait_until(condition, timeout=20.0):
@@ -37,7 +41,13 @@ def wait_until(condition, timeout=20.0):
 
 def test_api_keys_guard_every_route_but_health_ready_metrics(http_store):
     with serve(http_store[0], api_keys="sk-test-1234,sk-other-5678") as live:
-        paths = {(path, method.upper()) for path, item in live.client.get("/openapi.json", headers={"Authorization": "Bearer sk-test-1234"}).json()["paths"].items() for method in item}
+        paths = {
+            (path, method.upper())
+            for path, item in live.client.get("/openapi.json", headers={"Authorization": "Bearer sk-test-1234"})
+            .json()["paths"]
+            .items()
+            for method in item
+        }
         paths |= {("/openapi.json", "GET"), ("/docs", "GET")}
         assert ("/v1/completions", "POST") in paths and ("/admin/reload", "POST") in paths
         for path, method in sorted(paths):
@@ -49,7 +59,9 @@ def test_api_keys_guard_every_route_but_health_ready_metrics(http_store):
                 assert r.json()["error"]["code"] == "invalid_api_key"
             wrong = live.client.request(method, path, json={}, headers={"Authorization": "Bearer sk-test-123"})
             assert (wrong.status_code == 401) == (path not in ("/health", "/ready", "/metrics")), path
-        ok = live.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer sk-other-5678"})
+        ok = live.client.post(
+            "/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer sk-other-5678"}
+        )
         assert ok.status_code == 200
         assert metric(live, "gpt2_serve_rejections_total") >= 1
 
@@ -73,6 +85,7 @@ def test_body_limits(http_store):
 
 def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(http_store):
     with serve(http_store[0], max_num_seqs=1, max_waiting_requests=1) as live:
+
         async def burst():
             async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:
                 req = {"prompt": [1, 2, 3], "max_tokens": 240, "ignore_eos": True}
@@ -92,15 +105,24 @@ def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(http_
 
 def test_client_disconnect_aborts_and_frees_kv(live):
     aborts = metric(live, "gpt2_serve_aborts_total")
-    with live.client.stream("POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 250, "ignore_eos": True, "stream": True}) as r:
+    with live.client.stream(
+        "POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 250, "ignore_eos": True, "stream": True}
+    ) as r:
         next(r.iter_lines())  # one event, then hang up
     wait_until(lambda: metric(live, "gpt2_serve_aborts_total") == aborts + 1)
-    wait_until(lambda: metric(live, "gpt2_serve_kv_cache_usage_ratio") == 0.0 and metric(live, "gpt2_serve_num_requests_running") == 0)
+    wait_until(
+        lambda: (
+            metric(live, "gpt2_serve_kv_cache_usage_ratio") == 0.0
+            and metric(live, "gpt2_serve_num_requests_running") == 0
+        )
+    )
     host, port = live.url.removeprefix("http://").split(":")
     body = b'{"prompt": [1, 2], "max_tokens": 250, "ignore_eos": true}'
     with socket.create_connection((host, int(port))) as sock:  # non-streaming: hang up before the answer
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         wait_until(lambda: metric(live, "gpt2_serve_num_requests_running") == 1)
     wait_until(lambda: metric(live, "gpt2_serve_aborts_total") == aborts + 2)
     wait_until(lambda: metric(live, "gpt2_serve_kv_cache_usage_ratio") == 0.0)
@@ -109,12 +131,22 @@ def test_client_disconnect_aborts_and_frees_kv(live):
 def test_metrics_names_and_promtool(live):
     live.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
     text = live.client.get("/metrics").text
-    for name in ("gpt2_serve_time_to_first_token_seconds_bucket", "gpt2_serve_inter_token_latency_seconds_bucket",
-                 "gpt2_serve_e2e_request_latency_seconds_bucket", "gpt2_serve_request_queue_time_seconds_bucket",
-                 "gpt2_serve_num_requests_running", "gpt2_serve_num_requests_waiting", "gpt2_serve_kv_cache_usage_ratio",
-                 "gpt2_serve_prompt_tokens_total", "gpt2_serve_generation_tokens_total", "gpt2_serve_scored_tokens_total",
-                 "gpt2_serve_prefix_cache_queries_total", "gpt2_serve_prefix_cache_hits_total", "gpt2_serve_iteration_sequences_bucket",
-                 'gpt2_serve_model_info{device="cpu",dtype="float32",model="tiny",version="1"} 1.0'):  # fmt: skip
+    for name in (
+        "gpt2_serve_time_to_first_token_seconds_bucket",
+        "gpt2_serve_inter_token_latency_seconds_bucket",
+        "gpt2_serve_e2e_request_latency_seconds_bucket",
+        "gpt2_serve_request_queue_time_seconds_bucket",
+        "gpt2_serve_num_requests_running",
+        "gpt2_serve_num_requests_waiting",
+        "gpt2_serve_kv_cache_usage_ratio",
+        "gpt2_serve_prompt_tokens_total",
+        "gpt2_serve_generation_tokens_total",
+        "gpt2_serve_scored_tokens_total",
+        "gpt2_serve_prefix_cache_queries_total",
+        "gpt2_serve_prefix_cache_hits_total",
+        "gpt2_serve_iteration_sequences_bucket",
+        'gpt2_serve_model_info{device="cpu",dtype="float32",model="tiny",version="1"} 1.0',
+    ):
         assert name in text, name
     promtool = shutil.which("promtool", path=f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}")
     if promtool is None:
@@ -133,7 +165,11 @@ def test_not_ready_until_loaded(http_store):
         r = client.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "loading"
         r = client.post("/v1/completions", json={"prompt": "x"})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable" and r.headers["retry-after"] == "1"
+        assert (
+            r.status_code == 503
+            and r.json()["error"]["code"] == "service_unavailable"
+            and r.headers["retry-after"] == "1"
+        )
 
 
 def test_hot_reload_under_load_fails_nothing(http_store):
@@ -144,7 +180,11 @@ def test_hot_reload_under_load_fails_nothing(http_store):
         def load():
             with httpx.Client(base_url=live.url, timeout=60) as client:
                 while not stop.is_set():
-                    results.append(client.post("/v1/completions", json={"prompt": [4, 5, 6], "max_tokens": 20, "ignore_eos": True}).status_code)
+                    results.append(
+                        client.post(
+                            "/v1/completions", json={"prompt": [4, 5, 6], "max_tokens": 20, "ignore_eos": True}
+                        ).status_code
+                    )
 
         threads = [threading.Thread(target=load) for _ in range(3)]
         for t in threads:
@@ -161,21 +201,37 @@ def test_hot_reload_under_load_fails_nothing(http_store):
         assert live.client.get("/v1/models").json()["data"][0]["id"] == "tiny@2"
         assert 'model="tiny",version="2"} 1.0' in live.client.get("/metrics").text
         hf2 = GPT2LMHeadModel.from_pretrained(http_store[1][2]).eval()
-        expected = hf2.generate(torch.tensor([[4, 5, 6]]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)[0, 3:]
-        got = live.client.post("/v1/completions", json={"prompt": [4, 5, 6], "max_tokens": 8, "temperature": 0, "ignore_eos": True}).json()
+        expected = hf2.generate(
+            torch.tensor([[4, 5, 6]]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0
+        )[0, 3:]
+        got = live.client.post(
+            "/v1/completions", json={"prompt": [4, 5, 6], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        ).json()
         assert got["choices"][0]["text"] == tok.decode(expected.tolist())
         r = live.client.post("/admin/reload", json={"model": "tiny@9"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
-@pytest.mark.parametrize("name, value", [("PORT", "80000"), ("DTYPE", "fp8"), ("KV_CACHE_MEMORY", "lots"), ("MAX_NUM_SEQS", "0"),
-                                         ("DRAIN_TIMEOUT", "nan"), ("API_KEYS", "short"), ("DEVICE", "tpu")])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PORT", "80000"),
+        ("DTYPE", "fp8"),
+        ("KV_CACHE_MEMORY", "lots"),
+        ("MAX_NUM_SEQS", "0"),
+        ("DRAIN_TIMEOUT", "nan"),
+        ("API_KEYS", "short"),
+        ("DEVICE", "tpu"),
+    ],
+)
 def test_invalid_configuration_names_the_variable(name, value):
     with pytest.raises(ConfigError, match=f"^{name}="):
         ServiceConfig.from_env({name: value})
 
 
 def test_configuration_parses_sizes_and_defaults():
-    config = ServiceConfig.from_env({"KV_CACHE_MEMORY": "512MiB", "MAX_BODY_BYTES": "1MB", "API_KEYS": " sk-aaaaaaaa , sk-bbbbbbbb "})
+    config = ServiceConfig.from_env(
+        {"KV_CACHE_MEMORY": "512MiB", "MAX_BODY_BYTES": "1MB", "API_KEYS": " sk-aaaaaaaa , sk-bbbbbbbb "}
+    )
     assert config.kv_cache_memory == 512 * 2**20 and config.max_body_bytes == 10**6
     assert config.api_keys == ("sk-aaaaaaaa", "sk-bbbbbbbb") and config.port == 8000 and config.model == "default@prod"

@@ -43,7 +43,11 @@ def test_context_continuations_equal_hf_and_share_the_context(live, hf_tiny, htt
 
     def hits():
         text = live.client.get("/metrics").text
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("gpt2_serve_prefix_cache_hits_total"))
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("gpt2_serve_prefix_cache_hits_total")
+        )
 
     before = hits()
     body = live.client.post("/v1/score", json={"context": context, "continuations": continuations}).json()
@@ -102,7 +106,9 @@ def test_tokenizer_endpoints(live, http_store):
     assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 256
     toks = live.client.post("/tokenize", json={"prompt": "<|endoftext|>The quick", "add_special_tokens": False}).json()
     assert toks["tokens"] == [EOS] + encode(http_store, "The quick")
-    assert live.client.post("/detokenize", json={"tokens": toks["tokens"]}).json() == {"prompt": "<|endoftext|>The quick"}
+    assert live.client.post("/detokenize", json={"tokens": toks["tokens"]}).json() == {
+        "prompt": "<|endoftext|>The quick"
+    }
     r = live.client.post("/detokenize", json={"tokens": [1, 100000]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
     models = live.client.get("/v1/models").json()["data"]

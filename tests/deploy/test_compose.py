@@ -168,7 +168,10 @@ def test_scale_profile_replicas_behind_nginx(render):
     services = render(profiles=("scale",))["services"]
     replica, nginx = services["gpt2-serve-replica"], services["nginx"]
     assert replica["deploy"]["replicas"] == 3
-    assert render(profiles=("scale",), env=(("REPLICAS", "5"),))["services"]["gpt2-serve-replica"]["deploy"]["replicas"] == 5
+    assert (
+        render(profiles=("scale",), env=(("REPLICAS", "5"),))["services"]["gpt2-serve-replica"]["deploy"]["replicas"]
+        == 5
+    )
     assert "ports" not in replica and "container_name" not in replica  # scalable, reached through nginx only
     assert replica["image"] == services["gpt2-serve"]["image"]
     assert _duration_s(replica["stop_grace_period"]) > float(replica["environment"]["DRAIN_TIMEOUT"])
@@ -195,7 +198,9 @@ def test_nginx_conf_routes_least_loaded_streams_and_retries(render):
     assert set(retry.split()[1:]) == {"error", "timeout", "http_503", "non_idempotent"}
     assert _duration_s(next(d for d in directives if d.startswith("proxy_read_timeout")).split()[1]) >= 300
     # nginx's image ships nginx >= 1.27.3, the first open-source release with `resolve` in upstream
-    major, minor, patch = map(int, re.search(r":(\d+)\.(\d+)\.(\d+)", render(profiles=("scale",))["services"]["nginx"]["image"]).groups())
+    major, minor, patch = map(
+        int, re.search(r":(\d+)\.(\d+)\.(\d+)", render(profiles=("scale",))["services"]["nginx"]["image"]).groups()
+    )
     assert (major, minor, patch) >= (1, 27, 3)
 
 
@@ -300,10 +305,16 @@ def _concrete(expr: str) -> str:
 
 REQUIRED_PANELS = {  # title -> what its queries must use
     "Generated tokens/s": ["rate(gpt2_serve_generation_tokens_total"],
-    "Time to first token (p50, p95)": ["histogram_quantile(0.5,", "histogram_quantile(0.95,",
-                                       "gpt2_serve_time_to_first_token_seconds_bucket"],
-    "Inter-token latency (p50, p95)": ["histogram_quantile(0.5,", "histogram_quantile(0.95,",
-                                       "gpt2_serve_inter_token_latency_seconds_bucket"],
+    "Time to first token (p50, p95)": [
+        "histogram_quantile(0.5,",
+        "histogram_quantile(0.95,",
+        "gpt2_serve_time_to_first_token_seconds_bucket",
+    ],
+    "Inter-token latency (p50, p95)": [
+        "histogram_quantile(0.5,",
+        "histogram_quantile(0.95,",
+        "gpt2_serve_inter_token_latency_seconds_bucket",
+    ],
     "Requests running and waiting": ["gpt2_serve_num_requests_running", "gpt2_serve_num_requests_waiting"],
     "KV cache usage": ["gpt2_serve_kv_cache_usage_ratio"],
     "Errors (5xx/s)": ['gpt2_serve_requests_total{status=~"5.."'],
@@ -333,7 +344,9 @@ def test_dashboard_has_the_required_panels_on_the_provisioned_datasource():
 def test_promql_uses_only_exported_metrics_and_labels(source):
     exported = _exported()
     exprs = _dashboard_exprs() if source == "dashboard" else _alert_exprs()
-    exprs += [("variable", v["definition"]) for v in _dashboard()["templating"]["list"]] if source == "dashboard" else []
+    exprs += (
+        [("variable", v["definition"]) for v in _dashboard()["templating"]["list"]] if source == "dashboard" else []
+    )
     assert exprs
     for where, expr in exprs:
         expr = re.sub(r'"[^"]*"', '""', _concrete(expr))  # label values out of the way
@@ -353,10 +366,17 @@ def test_promql_uses_only_exported_metrics_and_labels(source):
 
 def test_promql_parses(promtool, tmp_path):
     # every query as a recording rule: promtool parses it with Prometheus's own PromQL parser
-    rules = [{"record": f"check:expr_{i}", "expr": _concrete(expr)}
-             for i, (_, expr) in enumerate(_dashboard_exprs() + _alert_exprs())]
-    rules += [{"record": f"check:var_{i}", "expr": _concrete(re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", v["definition"]))}
-              for i, v in enumerate(_dashboard()["templating"]["list"])]
+    rules = [
+        {"record": f"check:expr_{i}", "expr": _concrete(expr)}
+        for i, (_, expr) in enumerate(_dashboard_exprs() + _alert_exprs())
+    ]
+    rules += [
+        {
+            "record": f"check:var_{i}",
+            "expr": _concrete(re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", v["definition"])),
+        }
+        for i, v in enumerate(_dashboard()["templating"]["list"])
+    ]
     path = tmp_path / "exprs.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)

@@ -81,8 +81,16 @@ def test_every_manifest_validates_offline():
     failed = [f"{r.file} {r.resource}: {r.error}" for r in results if r.error]
     assert not failed, "\n".join(failed)
     checked = {r.resource.split("/")[0] for r in results}
-    assert {"Deployment", "Service", "PersistentVolumeClaim", "HorizontalPodAutoscaler", "ServiceMonitor", "Job",
-            "ConfigMap", "Kustomization"} <= checked  # fmt: skip
+    assert {
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "HorizontalPodAutoscaler",
+        "ServiceMonitor",
+        "Job",
+        "ConfigMap",
+        "Kustomization",
+    } <= checked
 
 
 @pytest.mark.parametrize(
@@ -117,8 +125,16 @@ def test_kustomize_renders():
     result = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(result.stdout) if d)
-    assert kinds == sorted(["PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget",
-                            "HorizontalPodAutoscaler", "ServiceMonitor"])  # fmt: skip
+    assert kinds == sorted(
+        [
+            "PersistentVolumeClaim",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "HorizontalPodAutoscaler",
+            "ServiceMonitor",
+        ]
+    )
 
 
 # -- the server ----------------------------------------------------------------------------------------------
@@ -176,8 +192,9 @@ def test_rollout_never_drops_below_the_current_count_and_the_hpa_owns_replicas()
     assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
 
 
-@pytest.mark.parametrize("name, kind", [("deployment.yaml", "Deployment"), ("finetune-job.yaml", "Job"),
-                                        ("store-shell.yaml", "Pod")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, kind", [("deployment.yaml", "Deployment"), ("finetune-job.yaml", "Job"), ("store-shell.yaml", "Pod")]
+)
 def test_pods_run_non_root_read_only_without_capabilities(name, kind):
     obj = one(name, kind)
     spec = pod_spec(obj)

@@ -68,7 +68,9 @@ def test_queue_full_reaches_the_caller(tiny):
         try:
             params = SamplingParams(max_tokens=30, ignore_eos=True)
             first = asyncio.ensure_future(collect(engine, "a", [1, 2], params))
-            results = await asyncio.gather(*(collect(engine, f"b{i}", [1, 2], params) for i in range(4)), return_exceptions=True)
+            results = await asyncio.gather(
+                *(collect(engine, f"b{i}", [1, 2], params) for i in range(4)), return_exceptions=True
+            )
             return results, await first
         finally:
             engine.stop()

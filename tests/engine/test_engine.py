@@ -44,7 +44,9 @@ def test_greedy_alone_equals_hf_generate(tiny):
     loaded, hf = tiny
     prompt = random_prompts(1, loaded.model.cfg.vocab_size, 1, 10, 10)[0]
     got = run_all(make_engine(loaded), {0: [("a", prompt, GREEDY)]})["a"]
-    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    expected = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0
+    )
     assert got[0] == expected[0, 10:].tolist() and got[2] is FinishReason.LENGTH
 
 
@@ -56,12 +58,16 @@ def test_greedy_alone_equals_inside_a_batch_of_16_staggered(tiny):
     others = random_prompts(16, vocab, 3)
     arrivals: dict[int, list] = {}
     for i, p in enumerate(others):  # different lengths, arriving over the first steps, some before the target
-        arrivals.setdefault(i % 6, []).append((f"o{i}", p, SamplingParams(temperature=0.0, max_tokens=5 + i, ignore_eos=True)))
+        arrivals.setdefault(i % 6, []).append(
+            (f"o{i}", p, SamplingParams(temperature=0.0, max_tokens=5 + i, ignore_eos=True))
+        )
     arrivals.setdefault(3, []).append(("t", target, GREEDY))
     batched = run_all(make_engine(loaded, max_num_batched_tokens=48), arrivals)
     assert batched["t"][0] == alone[0] and batched["t"][1] == alone[1]
     for i, p in enumerate(others):
-        solo = run_all(make_engine(loaded), {0: [("x", p, SamplingParams(temperature=0.0, max_tokens=5 + i, ignore_eos=True))]})
+        solo = run_all(
+            make_engine(loaded), {0: [("x", p, SamplingParams(temperature=0.0, max_tokens=5 + i, ignore_eos=True))]}
+        )
         assert batched[f"o{i}"][0] == solo["x"][0]
 
 
@@ -72,10 +78,18 @@ def test_seeded_sampling_reproducible_and_batch_independent(tiny):
     prompt = random_prompts(1, vocab, 7, 12, 12)[0]
     alone = run_all(make_engine(loaded), {0: [("s", prompt, p)]})["s"][0]
     again = run_all(make_engine(loaded), {0: [("s", prompt, p)]})["s"][0]
-    noise = {0: [(f"n{i}", q, SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)) for i, q in enumerate(random_prompts(6, vocab, 8))]}
+    noise = {
+        0: [
+            (f"n{i}", q, SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True))
+            for i, q in enumerate(random_prompts(6, vocab, 8))
+        ]
+    }
     noise[2] = [("s", prompt, p)]
     batched = run_all(make_engine(loaded), noise)["s"][0]
-    other_seed = run_all(make_engine(loaded), {0: [("s", prompt, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, seed=99, ignore_eos=True))]})["s"][0]
+    other_seed = run_all(
+        make_engine(loaded),
+        {0: [("s", prompt, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=24, seed=99, ignore_eos=True))]},
+    )["s"][0]
     assert alone == again == batched
     assert other_seed != alone
 
@@ -120,13 +134,26 @@ def test_stop_token_ids_max_tokens_and_eos(tiny):
     free = run_all(make_engine(loaded), {0: [("a", prompt, GREEDY)]})["a"][0]
     stop_id = free[5]
     first = free.index(stop_id)
-    got = run_all(make_engine(loaded), {0: [("a", prompt, SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=(stop_id,), ignore_eos=True))]})["a"]
+    got = run_all(
+        make_engine(loaded),
+        {
+            0: [
+                (
+                    "a",
+                    prompt,
+                    SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=(stop_id,), ignore_eos=True),
+                )
+            ]
+        },
+    )["a"]
     assert got[0] == free[: first + 1] and got[2] is FinishReason.STOP
     engine = make_engine(loaded)
     engine.eos_token_id = stop_id  # as if the model's EOS were this token
     got = run_all(engine, {0: [("a", prompt, SamplingParams(temperature=0.0, max_tokens=20))]})["a"]
     assert got[0] == free[: first + 1] and got[2] is FinishReason.STOP
-    got = run_all(engine, {0: [("b", prompt, SamplingParams(temperature=0.0, max_tokens=20, min_tokens=first + 2))]})["b"]
+    got = run_all(engine, {0: [("b", prompt, SamplingParams(temperature=0.0, max_tokens=20, min_tokens=first + 2))]})[
+        "b"
+    ]
     assert len(got[0]) > first + 1
     assert stop_id not in got[0][: first + 2]  # masked before min_tokens: neither stops nor appears
 
@@ -138,7 +165,10 @@ def test_stop_string_trimmed_and_text_equals_decode(tiny):
     assert text == loaded.tokenizer.decode(tokens)
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert len(stop) == 3
-    _, stopped_text, reason = run_all(make_engine(loaded), {0: [("a", prompt, SamplingParams(temperature=0.0, max_tokens=20, stop=(stop,), ignore_eos=True))]})["a"]
+    _, stopped_text, reason = run_all(
+        make_engine(loaded),
+        {0: [("a", prompt, SamplingParams(temperature=0.0, max_tokens=20, stop=(stop,), ignore_eos=True))]},
+    )["a"]
     assert reason is FinishReason.STOP and stopped_text == text[: text.index(stop)]
 
 

@@ -49,7 +49,9 @@ def test_samples_share_the_prompt_kv(tiny):
     # The prompt is computed once; each other sample computes only the token after the shared blocks.
     assert computed == 41 + 2 * 1 + 3 * 5
     greedy = run_samples(make_engine(loaded), "r", prompt, params)
-    alone = run_all(make_engine(loaded), {0: [("x", prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))]})["x"]
+    alone = run_all(
+        make_engine(loaded), {0: [("x", prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))]}
+    )["x"]
     assert all(g[:3] == alone for g in greedy.values())
     assert [greedy[i][3].num_cached_tokens for i in range(3)] == [0, 40, 40]
 

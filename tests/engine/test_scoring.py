@@ -50,7 +50,9 @@ def test_context_continuations_reuse_context_and_equal_fresh(tiny):
     engine = make_engine(loaded)
     score(engine, "ctx", context, SamplingParams(max_tokens=0))  # computes the context once
     for i, cont in enumerate(continuations):
-        got, seq = score(engine, f"c{i}", context + cont, SamplingParams(max_tokens=0, prompt_logprobs=0), score_from=len(context))
+        got, seq = score(
+            engine, f"c{i}", context + cont, SamplingParams(max_tokens=0, prompt_logprobs=0), score_from=len(context)
+        )
         assert seq.num_cached_tokens == 40  # 10 blocks of 4 came from the cache
         ref = hf_logprobs(hf, context + cont)
         assert [e.token_id for e in got] == cont
@@ -121,7 +123,13 @@ def test_rolling_log_likelihood_equals_window_by_window_reference(tiny):
     total = 0.0
     windows = rolling_windows(len(tokens), max_len, 128)
     for i, w in enumerate(windows):
-        got, _ = score(engine, f"w{i}", tokens[w.start : w.end], SamplingParams(max_tokens=0, prompt_logprobs=0), score_from=w.score_from)
+        got, _ = score(
+            engine,
+            f"w{i}",
+            tokens[w.start : w.end],
+            SamplingParams(max_tokens=0, prompt_logprobs=0),
+            score_from=w.score_from,
+        )
         total += sum(e.logprob for e in got)
     reference = 0.0
     for w in windows:  # HF, one window at a time

@@ -15,6 +15,7 @@ from typing import IO
 
 import pytest
 import torch
+from conftest import CORPUS  # tests/conftest.py, on sys.path as the rootdir conftest
 
 from model_store import ModelStore
 from model_store.__main__ import main
@@ -22,12 +23,20 @@ from model_store.finetune.checkpoint import CHECKPOINT_FILE, read_log
 from model_store.finetune.config import RunOptions, TrainConfig
 from model_store.finetune.train import finetune
 from model_store.import_hf import import_hf
-from conftest import CORPUS  # tests/conftest.py, on sys.path as the rootdir conftest
 
 TINY_FT = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
 # A short run that still has several checkpoints, evaluations and an LR schedule.
-BASE_RUN = dict(block_size=32, batch_size=2, grad_accum=2, steps=12, lr=3e-3, warmup_steps=2,
-                checkpoint_every=4, eval_every=4, seed=1)  # fmt: skip
+BASE_RUN = dict(
+    block_size=32,
+    batch_size=2,
+    grad_accum=2,
+    steps=12,
+    lr=3e-3,
+    warmup_steps=2,
+    checkpoint_every=4,
+    eval_every=4,
+    seed=1,
+)
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +63,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def train_run(store: ModelStore, run_dir: Path, data: Path, *, resume: bool = False, export: bool = False,
-              name: str | None = None, **overrides):  # fmt: skip
+def train_run(
+    store: ModelStore,
+    run_dir: Path,
+    data: Path,
+    *,
+    resume: bool = False,
+    export: bool = False,
+    name: str | None = None,
+    **overrides,
+):
     """Run finetune in-process from tiny@1 (or resume it); returns the RunResult."""
     settings = {"base": "tiny@1", "data": (str(data),), **BASE_RUN, **overrides}
     config = None if resume else TrainConfig(**settings)

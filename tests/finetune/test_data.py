@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import EOS  # tests/conftest.py
 from tokenizers import Tokenizer
 
 from model_store.errors import StoreError
 from model_store.finetune.data import SampleOrder, micro_batch_positions, pack, read_documents
-
-from conftest import EOS  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +47,7 @@ def test_order_is_a_permutation_per_epoch_and_shards_partition_each_global_batch
     assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(10))
     assert not torch.equal(first, second)  # reshuffled each epoch
     assert torch.equal(SampleOrder(10, seed=3).blocks(7, 6), torch.cat([first[7:], second[:3]]))
-    starts = sorted(micro_batch_positions(5, m, r, batch_size=2, grad_accum=3, world_size=2)
-                    for m in range(3) for r in range(2))  # fmt: skip
+    starts = sorted(
+        micro_batch_positions(5, m, r, batch_size=2, grad_accum=3, world_size=2) for m in range(3) for r in range(2)
+    )
     assert starts == list(range(5 * 12, 6 * 12, 2))

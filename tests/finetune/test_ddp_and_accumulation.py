@@ -20,14 +20,49 @@ def test_two_ddp_processes_equal_one_at_the_same_global_batch(tiny_store, corpus
     train_run(tiny_store, tmp_path / "one", corpus, batch_size=4, **SETTINGS)
 
     run_dir, port = tmp_path / "two", str(_free_port())
-    args = ["--root", str(tiny_store.root), "finetune", "tiny@1", "--data", str(corpus), "--block-size", "32",
-            "--batch-size", "2", "--grad-accum", "2", "--steps", "6", "--lr", "3e-3", "--warmup-steps", "2",
-            "--checkpoint-every", "4", "--eval-every", "3", "--negatives", "2", "--seed", "1",
-            "--run-dir", str(run_dir), "--no-export", "--no-progress"]  # fmt: skip
+    args = [
+        "--root",
+        str(tiny_store.root),
+        "finetune",
+        "tiny@1",
+        "--data",
+        str(corpus),
+        "--block-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--steps",
+        "6",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--eval-every",
+        "3",
+        "--negatives",
+        "2",
+        "--seed",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--no-export",
+        "--no-progress",
+    ]
     children = []
     for rank in range(2):  # the environment torchrun gives its workers
-        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "test"}  # fmt: skip
+        env = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "TORCHELASTIC_RUN_ID": "test",
+        }
         children.append(fork_cli(args, env))
     outputs = [stderr.read() for _, stderr in children]
     assert [wait_status(pid) for pid, _ in children] == [0, 0], outputs

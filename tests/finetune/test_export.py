@@ -17,21 +17,52 @@ from service.model import BatchLayout, KVCache, load_model
 from .conftest import TINY_FT, train_run
 
 
-def test_cli_from_scratch_exports_a_verified_version_with_lineage(tiny_store, corpus, tokenizer_dir, tmp_path,
-                                                                  capsys):  # fmt: skip
-    args = ["--root", str(tiny_store.root), "finetune", "--from-scratch", "--tokenizer", str(tokenizer_dir),
-            *[x for k, v in TINY_FT.items() for x in (f"--{k.replace('_', '-')}", str(v))],
-            "--data", str(corpus), "--block-size", "32", "--batch-size", "2", "--grad-accum", "4", "--steps", "6",
-            "--eval-every", "3", "--checkpoint-every", "3", "--run-dir", str(tmp_path / "run"), "--name", "scratch",
-            "--alias", "prod", "--data-license", "CC0-1.0", "--no-progress"]  # fmt: skip
+def test_cli_from_scratch_exports_a_verified_version_with_lineage(tiny_store, corpus, tokenizer_dir, tmp_path, capsys):
+    args = [
+        "--root",
+        str(tiny_store.root),
+        "finetune",
+        "--from-scratch",
+        "--tokenizer",
+        str(tokenizer_dir),
+        *[x for k, v in TINY_FT.items() for x in (f"--{k.replace('_', '-')}", str(v))],
+        "--data",
+        str(corpus),
+        "--block-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "4",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--name",
+        "scratch",
+        "--alias",
+        "prod",
+        "--data-license",
+        "CC0-1.0",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert capsys.readouterr().out.strip() == "scratch@1"
     assert tiny_store.aliases("scratch") == {"prod": 1}
 
     stored = tiny_store.verify("scratch@prod")
     m = stored.manifest
-    assert {f.path for f in m.files} == {"model.safetensors", "tokenizer.json", "README.md", "training_curve.png",
-                                         "training_log.jsonl"}  # fmt: skip
+    assert {f.path for f in m.files} == {
+        "model.safetensors",
+        "tokenizer.json",
+        "README.md",
+        "training_curve.png",
+        "training_log.jsonl",
+    }
     assert m.lineage.source == "training" and m.lineage.parent is None
     assert m.lineage.data_sha256 == {str(corpus.resolve()): sha256_file(corpus)}
     cfg = m.lineage.training_config
@@ -63,8 +94,19 @@ def test_cli_from_scratch_exports_a_verified_version_with_lineage(tiny_store, co
 
 def test_early_stopping_exports_the_best_checkpoint(tiny_store, corpus, tmp_path):
     # a learning rate this high makes held-out loss rise after the first steps
-    result = train_run(tiny_store, tmp_path / "run", corpus, steps=30, lr=0.3, warmup_steps=0, eval_every=1,
-                       patience=2, checkpoint_every=100, export=True, name="tiny-es")  # fmt: skip
+    result = train_run(
+        tiny_store,
+        tmp_path / "run",
+        corpus,
+        steps=30,
+        lr=0.3,
+        warmup_steps=0,
+        eval_every=1,
+        patience=2,
+        checkpoint_every=100,
+        export=True,
+        name="tiny-es",
+    )
     state = result.state
     assert state.stopped_early and state.step < 30 and state.best_step == state.step - 2
     exported = load_hf_model(tiny_store.verify(result.exported.ref))

@@ -11,8 +11,17 @@ from .conftest import train_run
 
 
 def test_exported_merged_weights_equal_the_adapter_model(tiny_store, corpus, tmp_path):
-    result = train_run(tiny_store, tmp_path / "run", corpus, steps=4, lr=2e-2, lora_r=4, lora_dropout=0.1,
-                       export=True, name="tiny-lora")  # fmt: skip
+    result = train_run(
+        tiny_store,
+        tmp_path / "run",
+        corpus,
+        steps=4,
+        lr=2e-2,
+        lora_r=4,
+        lora_dropout=0.1,
+        export=True,
+        name="tiny-lora",
+    )
     adapted = restore_model(tiny_store, tmp_path / "run")  # the best checkpoint, adapters unmerged
     lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # trained: B starts at zero

@@ -8,8 +8,8 @@ import torch
 
 from model_store.finetune.checkpoint import read_log
 from model_store.finetune.data import Blocks
-from model_store.finetune.model import load_tokenizer
 from model_store.finetune.export import restore_model
+from model_store.finetune.model import load_tokenizer
 from model_store.finetune.objective import lm_loss, noise_generator, sample_noise, unlikelihood
 from model_store.finetune.train import _load_data
 
@@ -25,8 +25,11 @@ def controlled_corpus(path):
     """Sentences of a tiny grammar (3 subjects x 3 verbs x 3 objects, drawn at random): the model learns
     the unigram distribution first, so frequent tokens carry real probability where they are wrong."""
     rng = random.Random(0)
-    parts = (["The fox", "A dog", "The model"], ["jumps over", "serves", "decodes"],
-             ["the lazy dog.", "requests.", "every sequence."])  # fmt: skip
+    parts = (
+        ["The fox", "A dog", "The model"],
+        ["jumps over", "serves", "decodes"],
+        ["the lazy dog.", "requests.", "every sequence."],
+    )
     docs = [" ".join(rng.choice(words) for words in parts) for _ in range(300)]
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
@@ -48,10 +51,12 @@ def test_unlikelihood_pushes_noise_tokens_down(tiny_store, tmp_path):
     negative = train_run(tiny_store, tmp_path / "neg", data, negative_weight=WEIGHT, **RUN)
 
     dataset = _load_data(plain.config, load_tokenizer(tiny_store, plain.config))
-    p_plain = noise_probability(restore_model(tiny_store, tmp_path / "plain", best=False), dataset.held_out,
-                                dataset.unigram.float())  # fmt: skip
-    p_neg = noise_probability(restore_model(tiny_store, tmp_path / "neg", best=False), dataset.held_out,
-                              dataset.unigram.float())  # fmt: skip
+    p_plain = noise_probability(
+        restore_model(tiny_store, tmp_path / "plain", best=False), dataset.held_out, dataset.unigram.float()
+    )
+    p_neg = noise_probability(
+        restore_model(tiny_store, tmp_path / "neg", best=False), dataset.held_out, dataset.unigram.float()
+    )
     # the noise tokens sampled during training: mean -log(1 - p) over the last 10 steps, as logged
     ul_plain, ul_neg = (sum(r["unlikelihood"] for r in read_log(tmp_path / d)[-10:]) for d in ("plain", "neg"))
     assert ul_neg < 0.95 * ul_plain  # measured 0.88

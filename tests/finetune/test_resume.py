@@ -30,9 +30,21 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_store, corpus, tmp
     train_run(tiny_store, tmp_path / "ref", corpus, **EXTRA)
 
     run_dir = tmp_path / "killed"
-    pid, stderr = fork_cli(["--root", str(tiny_store.root), "finetune", "tiny@1", "--data", str(corpus),
-                            *_flags({**BASE_RUN, **EXTRA}), "--run-dir", str(run_dir), "--no-export",
-                            "--no-progress"])  # fmt: skip
+    pid, stderr = fork_cli(
+        [
+            "--root",
+            str(tiny_store.root),
+            "finetune",
+            "tiny@1",
+            "--data",
+            str(corpus),
+            *_flags({**BASE_RUN, **EXTRA}),
+            "--run-dir",
+            str(run_dir),
+            "--no-export",
+            "--no-progress",
+        ]
+    )
     try:
         for line in stderr:  # printed after the checkpoint's rename
             if line.startswith("checkpoint: step 4 "):
@@ -59,7 +71,6 @@ def test_resume_refuses_a_changed_option_and_a_fresh_run_refuses_a_used_dir(tiny
     train_run(tiny_store, tmp_path / "run", corpus, steps=2)
     with pytest.raises(StoreError, match="already holds a run"):
         train_run(tiny_store, tmp_path / "run", corpus, steps=2)
-    options = RunOptions(run_dir=tmp_path / "run", resume=True, export=False, progress=False,
-                         overrides={"lr": 1.0})  # fmt: skip
+    options = RunOptions(run_dir=tmp_path / "run", resume=True, export=False, progress=False, overrides={"lr": 1.0})
     with pytest.raises(StoreError, match="lr=1.0"):
         finetune(tiny_store, None, options)

@@ -35,10 +35,14 @@ CONFIGS = {
         "n_layer": 3,
     },
     "gpt2-small-shape": {
-        "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257,
+        "n_layer": 12,
+        "n_head": 12,
+        "n_embd": 768,
+        "n_positions": 1024,
+        "vocab_size": 50257,
         "initializer_range": 0.02,
     },
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -74,7 +78,9 @@ def full_logits(model: GPT2, ids: torch.Tensor) -> torch.Tensor:
 
 def run(model: GPT2, cache: KVCache, chunks: list[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
     """One forward over several sequences: (slot, new token ids, context_len) each. Logits per sequence."""
-    layout = BatchLayout(tuple(len(t) for _, t, _ in chunks), tuple(c for *_, c in chunks), tuple((s,) for s, *_ in chunks))
+    layout = BatchLayout(
+        tuple(len(t) for _, t, _ in chunks), tuple(c for *_, c in chunks), tuple((s,) for s, *_ in chunks)
+    )
     ids = torch.cat([t for _, t, _ in chunks])
     logits = model.compute_logits(model(ids, layout.positions(), layout, cache))
     return list(logits.split(list(layout.query_lens)))
@@ -133,7 +139,9 @@ def test_paged_cache_with_scattered_blocks_and_batched_decode_equals_full_forwar
     got: list[list[torch.Tensor]] = [[] for _ in seqs]
 
     def step(parts):  # (seq index, start, length)
-        layout = BatchLayout(tuple(n for *_, n in parts), tuple(st for _, st, _ in parts), tuple(tables[i] for i, *_ in parts))
+        layout = BatchLayout(
+            tuple(n for *_, n in parts), tuple(st for _, st, _ in parts), tuple(tables[i] for i, *_ in parts)
+        )
         ids = torch.cat([seqs[i][st : st + n] for i, st, n in parts])
         logits = pair.ours.compute_logits(pair.ours(ids, layout.positions(), layout, cache))
         for (i, *_), chunk in zip(parts, logits.split(list(layout.query_lens))):
@@ -155,9 +163,14 @@ def test_paged_cache_with_scattered_blocks_and_batched_decode_equals_full_forwar
 def test_greedy_32_tokens_equal_hf_generate(pair):
     seq = prompt(pair, 10, seed=31)
     out = pair.hf.generate(
-        seq[None], max_new_tokens=32, min_new_tokens=32, do_sample=False,
-        output_scores=True, return_dict_in_generate=True, pad_token_id=0,
-    )  # fmt: skip
+        seq[None],
+        max_new_tokens=32,
+        min_new_tokens=32,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     expected = out.sequences[0, 10:].tolist()
     # Guard against a flaky reference: every HF step must have a clear winner.
     assert min((s[0].topk(2).values[0] - s[0].topk(2).values[1]).item() for s in out.scores) > 1e-3
@@ -203,10 +216,14 @@ def test_every_supported_activation_matches_hf():
         ("cpu", "float16", "float16 is supported on CUDA only"),
         ("cpu", "int4", "unknown dtype 'int4'"),
         ("tpu", "float32", "unknown device 'tpu'"),
-        pytest.param("cuda", "float32", "CUDA is not available", marks=pytest.mark.skipif(
-            torch.cuda.is_available(), reason="CUDA present")),
+        pytest.param(
+            "cuda",
+            "float32",
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present"),
+        ),
     ],
-)  # fmt: skip
+)
 def test_unsupported_device_or_dtype_is_refused(pair, device, dtype, fragment):
     with pytest.raises(ValueError, match=fragment):
         load_model(pair.store, pair.name, device=device, dtype=dtype)
@@ -226,12 +243,18 @@ def test_cuda_matches_cpu_float32(pair, dtype, atol):
 def test_arch_config_is_what_hf_would_build(pair):
     cfg = pair.hf.config
     assert pair.ours.cfg == ArchConfig(
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions,
-        vocab_size=cfg.vocab_size, n_inner=cfg.n_inner or 4 * cfg.n_embd, layer_norm_epsilon=cfg.layer_norm_epsilon,
-        activation_function=cfg.activation_function, scale_attn_weights=cfg.scale_attn_weights,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        n_positions=cfg.n_positions,
+        vocab_size=cfg.vocab_size,
+        n_inner=cfg.n_inner or 4 * cfg.n_embd,
+        layer_norm_epsilon=cfg.layer_norm_epsilon,
+        activation_function=cfg.activation_function,
+        scale_attn_weights=cfg.scale_attn_weights,
         scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
         tie_word_embeddings=cfg.tie_word_embeddings,
-    )  # fmt: skip
+    )
 
 
 def test_auto_dtype_follows_bf16_matrix_units(monkeypatch):

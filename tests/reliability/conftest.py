@@ -1,8 +1,8 @@
 """The reliability tests reuse the HTTP tests' store and live server: `http_store` (tiny random GPT-2s,
-`tiny@1` alias prod) and `serve()`, from tests/api/conftest.py (tests/ is on sys.path, as pytest imports
-these suites rootdir-relative; tests/finetune imports tests/conftest.py the same way), and `harness`, the
-long suites' reliability/harness.py (and `audit`, reliability/audit.py), loaded from their paths: tests/ comes first on sys.path under pytest, so
-`reliability` names this package there, and `pytest` (unlike `python -m pytest`) does not put the
+`tiny@1` alias prod) and `serve()`, from tests/api/conftest.py (tests/ is on sys.path, as pytest imports these suites
+rootdir-relative; tests/finetune imports tests/conftest.py the same way), and `harness`, the long suites'
+reliability/harness.py (and `audit`, reliability/audit.py), loaded from their paths: tests/ comes first on sys.path
+under pytest, so `reliability` names this package there, and `pytest` (unlike `python -m pytest`) does not put the
 repository root on sys.path at all."""
 
 import importlib.util

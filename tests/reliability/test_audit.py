@@ -18,8 +18,11 @@ def pip_audit(*deps):
 
 
 def found(name, version, *vulns):
-    return {"name": name, "version": version,
-            "vulns": [{"id": v, "aliases": [f"CVE-{v}"], "fix_versions": ["9.9"], "description": "bad"} for v in vulns]}
+    return {
+        "name": name,
+        "version": version,
+        "vulns": [{"id": v, "aliases": [f"CVE-{v}"], "fix_versions": ["9.9"], "description": "bad"} for v in vulns],
+    }
 
 
 def skipped(name, version):
@@ -28,12 +31,14 @@ def skipped(name, version):
 
 def latest(table):
     """A stand-in for PyPI's project JSON: name -> (latest version, advisories of the latest release)."""
+
     def lookup(name):
         answer = table[name]
         if isinstance(answer, Exception):
             raise answer
         version, ids = answer
         return version, [audit.Vuln(i, [f"CVE-{i}"], [], "bad") for i in ids]
+
     return lookup
 
 
@@ -64,7 +69,8 @@ def test_an_accepted_advisory_is_justified_by_id_or_alias_and_only_for_that_vers
 
 def test_what_pip_audit_cannot_look_up_falls_back_to_the_latest_release_json():
     packages, _, status = run(
-        [("a", "1.0"), ("b", "2.0")], [pip_audit(skipped("a", "1.0"), skipped("b", "2.0"))],
+        [("a", "1.0"), ("b", "2.0")],
+        [pip_audit(skipped("a", "1.0"), skipped("b", "2.0"))],
         {"a": ("1.0", []), "b": ("2.0", ["Y-1"])},
     )
     assert packages["a"].how == packages["b"].how == "pypi-json"
@@ -87,7 +93,9 @@ def test_a_lookup_that_fails_leaves_the_package_unaudited():
 
 
 def test_names_are_compared_canonically():
-    packages, _, status = run([("Python_Dateutil", "2.9.0.post0")], [pip_audit(found("python-dateutil", "2.9.0.post0"))])
+    packages, _, status = run(
+        [("Python_Dateutil", "2.9.0.post0")], [pip_audit(found("python-dateutil", "2.9.0.post0"))]
+    )
     assert packages["python-dateutil"].how == "pip-audit" and status == 0
 
 
@@ -111,10 +119,14 @@ def test_a_review_entry_without_a_verdict_is_refused(tmp_path):
 
 
 def test_one_advisory_under_two_ids_counts_once():
-    dep = {"name": "s", "version": "2.1.0", "vulns": [
-        {"id": "GHSA-1", "aliases": ["CVE-1", "PYSEC-1"], "fix_versions": [], "description": "pickle"},
-        {"id": "PYSEC-1", "aliases": ["CVE-1", "GHSA-1"], "fix_versions": [], "description": "pickle"},
-    ]}
+    dep = {
+        "name": "s",
+        "version": "2.1.0",
+        "vulns": [
+            {"id": "GHSA-1", "aliases": ["CVE-1", "PYSEC-1"], "fix_versions": [], "description": "pickle"},
+            {"id": "PYSEC-1", "aliases": ["CVE-1", "GHSA-1"], "fix_versions": [], "description": "pickle"},
+        ],
+    }
     packages, _, status = run([("s", "2.1.0")], [pip_audit(dep)], entries=[entry("s", "2.1.0", "accepted", ["CVE-1"])])
     assert [v.id for v in packages["s"].vulns] == ["GHSA-1"] and status == 0
 
@@ -142,8 +154,11 @@ def test_an_accepted_entry_justifies_but_is_no_review():
 
 
 def test_review_names_and_versions_are_normalised():
-    packages, stale, status = run([("python-dateutil", "2.9.0.post0")], table={"python-dateutil": ("4.0.0", [])},
-                                  entries=[entry("Python_Dateutil", "2.9.0-post0")])
+    packages, stale, status = run(
+        [("python-dateutil", "2.9.0.post0")],
+        table={"python-dateutil": ("4.0.0", [])},
+        entries=[entry("Python_Dateutil", "2.9.0-post0")],
+    )
     assert packages["python-dateutil"].how == "review" and not stale and status == 0
     packages, _, _ = run([("a", "1.0.0")], table={"a": ("1.0", [])})
     assert packages["a"].how == "pypi-json"
@@ -161,6 +176,10 @@ def test_an_audit_that_cannot_run_exits_2_not_1(tmp_path):
     """1 means "vulnerable": a missing or unreadable pip-audit result must not say that, nor pass."""
     (tmp_path / "requirements.txt").write_text("a==1.0\n")
     (tmp_path / "pinned.json").write_text("{not json")
-    done = subprocess.run([sys.executable, str(REPO / "reliability" / "audit.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "reliability" / "audit.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "JSONDecodeError" in done.stderr

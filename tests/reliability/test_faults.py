@@ -26,7 +26,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from api.conftest import serve
 
 from .conftest import harness as h
@@ -53,8 +52,15 @@ def tiny_store(tmp_path_factory) -> Path:
 def server(tiny_store, tmp_path_factory):
     """One `python -m service` for the mini-soak, the mini-overload and, last, SIGTERM."""
     log = tmp_path_factory.mktemp("reliability-logs") / "server.log"
-    settings = {"MAX_NUM_SEQS": C, "MAX_WAITING_REQUESTS": W, "MAX_N": 2, "DRAIN_TIMEOUT": 3, "DTYPE": "float32",
-                "KV_CACHE_MEMORY": "16MiB", "NUM_THREADS": 1}  # fmt: skip
+    settings = {
+        "MAX_NUM_SEQS": C,
+        "MAX_WAITING_REQUESTS": W,
+        "MAX_N": 2,
+        "DRAIN_TIMEOUT": 3,
+        "DTYPE": "float32",
+        "KV_CACHE_MEMORY": "16MiB",
+        "NUM_THREADS": 1,
+    }
     with h.ServerProcess(tiny_store, "tiny@prod", settings, log) as proc:
         proc.wait_ready()
         yield proc
@@ -64,8 +70,9 @@ def run_load(server, clients: int, seconds: float, make, **kwargs):
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             info = await h.model_info(client)
-            report = await h.drive(server.url, clients, seconds, lambda rng: make(rng, info), server=server,
-                                   request_timeout=60, **kwargs)  # fmt: skip
+            report = await h.drive(
+                server.url, clients, seconds, lambda rng: make(rng, info), server=server, request_timeout=60, **kwargs
+            )
             return report, await h.wait_idle(client, timeout=30)
 
     return asyncio.run(main())
@@ -84,8 +91,9 @@ def test_mini_soak(server):
 
 
 def test_mini_overload(server):
-    report, (idle, gauges, _) = run_load(server, 4 * C, 10, lambda rng, info: h.fixed_request(rng, info, 8, 24),
-                                         retry_pause=(0.05, 0.2))  # fmt: skip
+    report, (idle, gauges, _) = run_load(
+        server, 4 * C, 10, lambda rng, info: h.fixed_request(rng, info, 8, 24), retry_pause=(0.05, 0.2)
+    )
     fig = h.summarize(report.results, report.duration)
     assert fig["rejected_429"] >= 1 and fig["completed"] >= C, fig  # the excess is refused, the admitted finish
     assert fig["5xx"] == 0 and fig["other_errors"] == 0, h.failures(report.results)  # every 429 had Retry-After
@@ -106,16 +114,30 @@ def test_sigterm_with_8_streams_in_flight(server):  # ends the module's server: 
 
 def test_kill_9_finetune_during_export_leaves_the_store_intact(tiny_store, tmp_path):
     root = h.copy_model(tiny_store, "tiny@prod", tmp_path / "store")
-    fig, checks = h.finetune_kill(root, "tiny@prod", tmp_path, ["weights-written"], finish=False)  # the runner resumes too
+    fig, checks = h.finetune_kill(
+        root, "tiny@prod", tmp_path, ["weights-written"], finish=False
+    )  # the runner resumes too
     assert_checks(checks)
     assert fig["kills"][0]["staging_left"]  # killed partway: its staging directory is left, never listed
 
 
 def test_engine_step_failure_errors_requests_and_exits_nonzero(tiny_store, tmp_path):
     trigger = tmp_path / "trigger"
-    settings = {"MAX_NUM_SEQS": 4, "MAX_WAITING_REQUESTS": 4, "DTYPE": "float32", "KV_CACHE_MEMORY": "16MiB", "NUM_THREADS": 1}
-    with h.ServerProcess(tiny_store, "tiny@prod", settings, tmp_path / "server.log", argv=["-c", h.FAULTY_SERVER],
-                         extra_env={"RELIABILITY_FAULT_TRIGGER": str(trigger)}) as proc:  # fmt: skip
+    settings = {
+        "MAX_NUM_SEQS": 4,
+        "MAX_WAITING_REQUESTS": 4,
+        "DTYPE": "float32",
+        "KV_CACHE_MEMORY": "16MiB",
+        "NUM_THREADS": 1,
+    }
+    with h.ServerProcess(
+        tiny_store,
+        "tiny@prod",
+        settings,
+        tmp_path / "server.log",
+        argv=["-c", h.FAULTY_SERVER],
+        extra_env={"RELIABILITY_FAULT_TRIGGER": str(trigger)},
+    ) as proc:
         proc.wait_ready()
         fig, checks = h.engine_fault(proc, trigger, 4)
     assert_checks(checks)
@@ -124,6 +146,7 @@ def test_engine_step_failure_errors_requests_and_exits_nonzero(tiny_store, tmp_p
 
 def test_hot_reload_back_and_forth_under_streaming_load(tiny_store):
     with serve(tiny_store, max_num_seqs=4, max_waiting_requests=32) as live:  # never full: nothing may fail
+
         async def main():
             async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:
                 info = await h.model_info(client)
@@ -172,24 +195,37 @@ def test_overload_is_refused_at_once_and_streams_get_a_429_status(tiny_store):
         try:
             with httpx.Client(base_url=live.url, timeout=30) as client:
                 codes = []
-                admitted = [threading.Thread(target=lambda: codes.append(
-                    client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4}).status_code)) for _ in range(3)]
+                admitted = [
+                    threading.Thread(
+                        target=lambda: codes.append(
+                            client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4}).status_code
+                        )
+                    )
+                    for _ in range(3)
+                ]
                 for t in admitted:  # 2 free slots + 1 waiting: all three are admitted
                     t.start()
                 assert inside.wait(30), f"the engine never stepped; answers so far: {codes}"
                 while async_engine._submitted < 3:
                     assert all(t.is_alive() for t in admitted), f"one of the first three was answered: {codes}"
                     threading.Event().wait(0.01)
-                bodies = {"/v1/completions": [{"prompt": "x", "max_tokens": 4}, {"prompt": "x", "max_tokens": 4, "stream": True}],
-                          "/v1/chat/completions": [{"messages": [{"role": "user", "content": "x"}], "stream": True}]}  # fmt: skip
+                bodies = {
+                    "/v1/completions": [
+                        {"prompt": "x", "max_tokens": 4},
+                        {"prompt": "x", "max_tokens": 4, "stream": True},
+                    ],
+                    "/v1/chat/completions": [{"messages": [{"role": "user", "content": "x"}], "stream": True}],
+                }
                 for path, items in bodies.items():
                     for body in items:
                         try:  # answered while the step is still held; it is only released below
                             r = client.post(path, json=body, timeout=10)
                         except httpx.TimeoutException:
-                            pytest.fail(f"{path} {body}: no answer while the engine was inside its step "
-                                        f"(queued {len(engine.scheduler.waiting)}, running {len(engine.scheduler.running)}, "
-                                        f"sent {async_engine._submitted}, applied {async_engine._applied})")  # fmt: skip
+                            pytest.fail(
+                                f"{path} {body}: no answer while the engine was inside its step "
+                                f"(queued {len(engine.scheduler.waiting)}, running {len(engine.scheduler.running)}, "
+                                f"sent {async_engine._submitted}, applied {async_engine._applied})"
+                            )
                         assert r.status_code == 429 and r.headers["retry-after"] == "1", (path, body, r.text)
                         assert r.json()["error"]["code"] == "rate_limit_exceeded"
                 assert not gate.is_set()

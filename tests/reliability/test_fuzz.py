@@ -41,7 +41,9 @@ def test_openapi_documents_the_error_shape_not_422(live):
     for path, method, op in operations:
         assert "422" not in op["responses"], (path, method)
         for status in ("4XX", "5XX"):
-            assert op["responses"][status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+            assert op["responses"][status]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/Error"
+            }
     jsonschema = pytest.importorskip("jsonschema")
     bad = live.client.post("/v1/completions", json={"prompt": "x", "temperature": "hot"})
     assert bad.status_code == 400

@@ -43,7 +43,13 @@ CORPUS: list[tuple[str, str, bytes, str | None, int]] = [
     ("temperature-10e400", "/v1/completions", b'{"prompt": "x", "temperature": ' + BIG_INT + b"}", JSON, 400),
     ("temperature-1e308", "/v1/completions", b'{"prompt": "x", "temperature": 1e308}', JSON, 400),
     ("temperature-minus-1e308", "/v1/completions", b'{"prompt": "x", "temperature": -1e308}', JSON, 400),
-    ("temperature-1e-400-is-zero", "/v1/completions", b'{"prompt": "x", "max_tokens": 1, "temperature": 1e-400}', JSON, 200),
+    (
+        "temperature-1e-400-is-zero",
+        "/v1/completions",
+        b'{"prompt": "x", "max_tokens": 1, "temperature": 1e-400}',
+        JSON,
+        200,
+    ),
     ("temperature-1e400", "/v1/completions", b'{"prompt": "x", "temperature": 1e400}', JSON, 400),
     ("seed-2e64", "/v1/completions", b'{"prompt": "x", "seed": 18446744073709551616}', JSON, 400),
     ("seed-negative", "/v1/completions", b'{"prompt": "x", "seed": -1}', JSON, 400),
@@ -52,19 +58,37 @@ CORPUS: list[tuple[str, str, bytes, str | None, int]] = [
     ("top_k-10e400", "/v1/completions", b'{"prompt": "x", "top_k": ' + BIG_INT + b"}", JSON, 400),
     ("score-top_logprobs-10e400", "/v1/score", b'{"text": "abc", "top_logprobs": ' + BIG_INT + b"}", JSON, 400),
     ("score-stride-10e400", "/v1/score", b'{"text": "abc", "rolling": true, "stride": ' + BIG_INT + b"}", JSON, 400),
-    ("chat-max_completion_tokens-10e400", "/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": ' + BIG_INT + b"}", JSON, 400),
+    (
+        "chat-max_completion_tokens-10e400",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": ' + BIG_INT + b"}",
+        JSON,
+        400,
+    ),
     ("tokenize-prompt-number", "/tokenize", b'{"prompt": ' + BIG_INT + b"}", JSON, 400),
     ("detokenize-10e400", "/detokenize", b'{"tokens": [' + BIG_INT + b"]}", JSON, 400),
     ("detokenize-5000-digits", "/detokenize", b'{"tokens": [' + HUGE_INT + b"]}", JSON, 400),
     # -- NaN and infinities, raw ----------------------------------------------------------------------------
-    *[(f"{field}-{value.decode()}", "/v1/completions", b'{"prompt": "x", "' + field.encode() + b'": ' + value + b"}", JSON, 400)
-      for field in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty", "max_tokens")
-      for value in (b"NaN", b"Infinity", b"-Infinity")],
+    *[
+        (
+            f"{field}-{value.decode()}",
+            "/v1/completions",
+            b'{"prompt": "x", "' + field.encode() + b'": ' + value + b"}",
+            JSON,
+            400,
+        )
+        for field in ("temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty", "max_tokens")
+        for value in (b"NaN", b"Infinity", b"-Infinity")
+    ],
     ("logit_bias-NaN", "/v1/completions", b'{"prompt": "x", "logit_bias": {"1": NaN}}', JSON, 400),
     ("prompt-ids-NaN", "/v1/completions", b'{"prompt": [NaN]}', JSON, 400),
-    ("chat-temperature-Infinity", "/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}', JSON, 400),
+    (
+        "chat-temperature-Infinity",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
+        JSON,
+        400,
+    ),
     ("score-stride-NaN", "/v1/score", b'{"text": "abc", "rolling": true, "stride": NaN}', JSON, 400),
     ("detokenize-Infinity", "/detokenize", b'{"tokens": [Infinity]}', JSON, 400),
     # -- deep nesting ---------------------------------------------------------------------------------------
@@ -76,8 +100,13 @@ CORPUS: list[tuple[str, str, bytes, str | None, int]] = [
     ("nested-100k-score", "/v1/score", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON, 400),
     ("nested-100k-tokenize", "/tokenize", b"[" * 100_000 + b"]" * 100_000, JSON, 400),
     ("nested-100k-detokenize", "/detokenize", b'{"tokens": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON, 400),
-    ("nested-500-in-ignored-field", "/v1/completions",
-     b'{"prompt": "x", "max_tokens": 1, "extra": ' + b"[" * 500 + b"]" * 500 + b"}", JSON, 200),
+    (
+        "nested-500-in-ignored-field",
+        "/v1/completions",
+        b'{"prompt": "x", "max_tokens": 1, "extra": ' + b"[" * 500 + b"]" * 500 + b"}",
+        JSON,
+        200,
+    ),
     ("nested-prompt-3-levels", "/v1/completions", b'{"prompt": [[[1]]]}', JSON, 400),
     # -- invalid UTF-8 in the body --------------------------------------------------------------------------
     ("utf8-ff-fe", "/v1/completions", b'{"prompt": "\xff\xfe", "max_tokens": 1}', JSON, 400),
@@ -111,7 +140,13 @@ CORPUS: list[tuple[str, str, bytes, str | None, int]] = [
     ("stop-token-ids-100k", "/v1/completions", j({"prompt": "x", "stop_token_ids": [1] * 100_000}), JSON, 400),
     ("stop-one-of-100k-chars", "/v1/completions", j({"prompt": "x", "stop": "s" * 100_000}), JSON, 400),
     ("stop-empty", "/v1/completions", j({"prompt": "x", "stop": [""]}), JSON, 400),
-    ("chat-stop-100k", "/v1/chat/completions", j({"messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 100_000}), JSON, 400),
+    (
+        "chat-stop-100k",
+        "/v1/chat/completions",
+        j({"messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 100_000}),
+        JSON,
+        400,
+    ),
     # -- token ids out of range, in prompts and logit_bias keys ---------------------------------------------
     ("prompt-id-negative", "/v1/completions", j({"prompt": [-1]}), JSON, 400),
     ("prompt-id-vocab", "/v1/completions", j({"prompt": [VOCAB]}), JSON, 400),
@@ -134,10 +169,28 @@ CORPUS: list[tuple[str, str, bytes, str | None, int]] = [
     ("logit_bias-hex-key", "/v1/completions", j({"prompt": "x", "logit_bias": {"0x10": 1}}), JSON, 400),
     ("logit_bias-empty-key", "/v1/completions", j({"prompt": "x", "logit_bias": {"": 1}}), JSON, 400),
     ("logit_bias-101", "/v1/completions", j({"prompt": "x", "logit_bias": {"1": 101}}), JSON, 400),
-    ("logit_bias-100k-keys", "/v1/completions", j({"prompt": "x", "max_tokens": 1, "logit_bias": {str(i): 1 for i in range(100_000)}}), JSON, 400),
-    ("logit_bias-valid", "/v1/completions", j({"prompt": "x", "max_tokens": 2, "logit_bias": {"5": 100, "0": -100}}), JSON, 200),
+    (
+        "logit_bias-100k-keys",
+        "/v1/completions",
+        j({"prompt": "x", "max_tokens": 1, "logit_bias": {str(i): 1 for i in range(100_000)}}),
+        JSON,
+        400,
+    ),
+    (
+        "logit_bias-valid",
+        "/v1/completions",
+        j({"prompt": "x", "max_tokens": 2, "logit_bias": {"5": 100, "0": -100}}),
+        JSON,
+        200,
+    ),
     ("stop_token_ids-negative", "/v1/completions", j({"prompt": "x", "stop_token_ids": [-1]}), JSON, 400),
-    ("chat-logit_bias-negative", "/v1/chat/completions", j({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"-7": 1}}), JSON, 400),
+    (
+        "chat-logit_bias-negative",
+        "/v1/chat/completions",
+        j({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"-7": 1}}),
+        JSON,
+        400,
+    ),
     ("detokenize-negative", "/detokenize", j({"tokens": [-1]}), JSON, 400),
     ("detokenize-vocab", "/detokenize", j({"tokens": [VOCAB]}), JSON, 400),
     ("detokenize-2e63", "/detokenize", j({"tokens": [2**63]}), JSON, 400),
@@ -156,12 +209,41 @@ CORPUS: list[tuple[str, str, bytes, str | None, int]] = [
     ("prompts-300-n1", "/v1/completions", j({"prompt": [[1]] * 300, "max_tokens": 1}), JSON, 400),
     ("min_tokens-over-max", "/v1/completions", j({"prompt": "x", "min_tokens": 100, "max_tokens": 10}), JSON, 400),
     ("stream-n256", "/v1/completions", j({"prompt": "x", "n": 256, "max_tokens": 100_000, "stream": True}), JSON, 400),
-    ("chat-n256-max_tokens-100000", "/v1/chat/completions",
-     j({"messages": [{"role": "user", "content": "x"}], "n": 256, "max_tokens": 100_000}), JSON, 400),
-    ("chat-50k-messages", "/v1/chat/completions", j({"messages": [{"role": "user", "content": "a"}] * 50_000}), JSON, 400),
-    ("n16-full-context-is-valid", "/v1/completions", j({"prompt": [1], "n": 16, "max_tokens": None, "ignore_eos": True}), JSON, 200),
-    ("prompts-16-n16-is-valid", "/v1/completions", j({"prompt": [[1]] * 16, "n": 16, "max_tokens": 8, "ignore_eos": True}), JSON, 200),
-    ("echo-logprobs-20-full-is-valid", "/v1/completions", j({"prompt": [3] * 255, "max_tokens": 1, "echo": True, "logprobs": 20}), JSON, 200),
+    (
+        "chat-n256-max_tokens-100000",
+        "/v1/chat/completions",
+        j({"messages": [{"role": "user", "content": "x"}], "n": 256, "max_tokens": 100_000}),
+        JSON,
+        400,
+    ),
+    (
+        "chat-50k-messages",
+        "/v1/chat/completions",
+        j({"messages": [{"role": "user", "content": "a"}] * 50_000}),
+        JSON,
+        400,
+    ),
+    (
+        "n16-full-context-is-valid",
+        "/v1/completions",
+        j({"prompt": [1], "n": 16, "max_tokens": None, "ignore_eos": True}),
+        JSON,
+        200,
+    ),
+    (
+        "prompts-16-n16-is-valid",
+        "/v1/completions",
+        j({"prompt": [[1]] * 16, "n": 16, "max_tokens": 8, "ignore_eos": True}),
+        JSON,
+        200,
+    ),
+    (
+        "echo-logprobs-20-full-is-valid",
+        "/v1/completions",
+        j({"prompt": [3] * 255, "max_tokens": 1, "echo": True, "logprobs": 20}),
+        JSON,
+        200,
+    ),
     ("score-1025-texts", "/v1/score", j({"text": ["ab"] * 1025}), JSON, 400),
     ("score-1025-continuations", "/v1/score", j({"context": "a", "continuations": ["b"] * 1025}), JSON, 400),
     ("score-empty-continuation", "/v1/score", j({"context": "a", "continuations": [""]}), JSON, 400),
@@ -170,31 +252,83 @@ CORPUS: list[tuple[str, str, bytes, str | None, int]] = [
     # more texts than MAX_WAITING_REQUESTS (256) can never be admitted at once: 400, not a 429 to retry forever
     ("score-1024-texts", "/v1/score", j({"text": ["The quick brown fox."] * 1024}), JSON, 400),
     ("score-257-continuations", "/v1/score", j({"context": "The", "continuations": [" quick"] * 257}), JSON, 400),
-    ("score-256-texts-top20-is-valid", "/v1/score", j({"text": ["The quick brown fox."] * 256, "top_logprobs": 20}), JSON, 200),
-    ("score-256-continuations-is-valid", "/v1/score", j({"context": "The", "continuations": [" quick"] * 256}), JSON, 200),
+    (
+        "score-256-texts-top20-is-valid",
+        "/v1/score",
+        j({"text": ["The quick brown fox."] * 256, "top_logprobs": 20}),
+        JSON,
+        200,
+    ),
+    (
+        "score-256-continuations-is-valid",
+        "/v1/score",
+        j({"context": "The", "continuations": [" quick"] * 256}),
+        JSON,
+        200,
+    ),
     # -- content types and body shapes ----------------------------------------------------------------------
     ("text-plain", "/v1/completions", b'{"prompt": "x", "max_tokens": 1}', "text/plain", 400),
     ("form-urlencoded", "/v1/completions", b"prompt=x&max_tokens=1", "application/x-www-form-urlencoded", 400),
-    ("multipart", "/v1/completions", b"--b\r\nContent-Disposition: form-data; name=prompt\r\n\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b", 400),
+    (
+        "multipart",
+        "/v1/completions",
+        b"--b\r\nContent-Disposition: form-data; name=prompt\r\n\r\nx\r\n--b--\r\n",
+        "multipart/form-data; boundary=b",
+        400,
+    ),
     ("multipart-no-boundary", "/v1/completions", b"garbage", "multipart/form-data", 400),
     ("content-type-garbage", "/v1/completions", b'{"prompt": "x", "max_tokens": 1}', "\x01;;;==", 400),
-    ("content-type-json-utf16", "/v1/completions", '{"prompt": "x", "max_tokens": 1}'.encode("utf-16"), "application/json; charset=utf-16", 200),
+    (
+        "content-type-json-utf16",
+        "/v1/completions",
+        '{"prompt": "x", "max_tokens": 1}'.encode("utf-16"),
+        "application/json; charset=utf-16",
+        200,
+    ),
     ("content-type-plus-json", "/v1/completions", b'{"prompt": "x", "max_tokens": 1}', "application/vnd.x+json", 200),
     ("chat-text-plain", "/v1/chat/completions", j({"messages": [{"role": "user", "content": "x"}]}), "text/plain", 400),
     ("score-text-plain", "/v1/score", j({"text": "ab"}), "text/plain", 400),
     ("tokenize-form", "/tokenize", b"prompt=x", "application/x-www-form-urlencoded", 400),
     ("detokenize-xml", "/detokenize", b"<tokens>1</tokens>", "application/xml", 400),
-    *[(f"{shape}-{path.strip('/').replace('/', '-')}", path, body, JSON, 400)
-      for path in ("/v1/completions", "/v1/chat/completions", "/v1/score", "/tokenize", "/detokenize", "/admin/reload")
-      for shape, body in (("empty", b""), ("whitespace", b"  \n "), ("array", b"[]"), ("string", b'"prompt"'),
-                          ("number", b"1"), ("null", b"null"), ("true", b"true"), ("object-empty", b"{}"),
-                          ("trailing-garbage", b'{"prompt": "x"} x'), ("truncated", b'{"prompt": '))],
+    *[
+        (f"{shape}-{path.strip('/').replace('/', '-')}", path, body, JSON, 400)
+        for path in (
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/v1/score",
+            "/tokenize",
+            "/detokenize",
+            "/admin/reload",
+        )
+        for shape, body in (
+            ("empty", b""),
+            ("whitespace", b"  \n "),
+            ("array", b"[]"),
+            ("string", b'"prompt"'),
+            ("number", b"1"),
+            ("null", b"null"),
+            ("true", b"true"),
+            ("object-empty", b"{}"),
+            ("trailing-garbage", b'{"prompt": "x"} x'),
+            ("truncated", b'{"prompt": '),
+        )
+    ],
     ("duplicate-keys-last-wins", "/v1/completions", b'{"prompt": 1, "prompt": "x", "max_tokens": 1}', JSON, 200),
     ("wrong-type-messages", "/v1/chat/completions", j({"messages": {"role": "user", "content": "x"}}), JSON, 400),
     ("wrong-role", "/v1/chat/completions", j({"messages": [{"role": "system\n", "content": "x"}]}), JSON, 400),
     ("chat-messages-empty", "/v1/chat/completions", j({"messages": []}), JSON, 400),
-    ("chat-template-syntax-is-data", "/v1/chat/completions",
-     j({"messages": [{"role": "user", "content": "{{ 7*7 }}{% for x in range(10**9) %}x{% endfor %}"}], "max_tokens": 1}), JSON, 200),
+    (
+        "chat-template-syntax-is-data",
+        "/v1/chat/completions",
+        j(
+            {
+                "messages": [{"role": "user", "content": "{{ 7*7 }}{% for x in range(10**9) %}x{% endfor %}"}],
+                "max_tokens": 1,
+            }
+        ),
+        JSON,
+        200,
+    ),
     ("model-path-traversal", "/v1/completions", j({"prompt": "x", "model": "../../etc/passwd"}), JSON, 404),
     ("tokenize-add_special_tokens-string", "/tokenize", j({"prompt": "x", "add_special_tokens": "yes"}), JSON, 400),
 ]
@@ -274,24 +408,34 @@ def test_rolling_stride_cannot_multiply_the_work(client):
     r = client.post("/v1/score", json={"text": [text, text], "rolling": True, "stride": 128})
     assert_answer(r, 200)
     assert r.json()["results"][0]["num_windows"] == 1 + -(-(n - 256) // 128)
-    r = client.post("/v1/score", json={"text": text[:2000], "rolling": True, "stride": 8})  # short texts keep any stride
+    r = client.post(
+        "/v1/score", json={"text": text[:2000], "rolling": True, "stride": 8}
+    )  # short texts keep any stride
     assert_answer(r, 200)
 
 
 def test_hostile_query_strings_and_paths(client):
     for path in ("/v1/models?x=" + "%ff" * 1000, "/tokenizer_info?%00=%00", "/health?a=1&a=2&" + "b=1&" * 5000):
         assert_answer(client.get(path), 200, path)
-    for path in ("/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/v1/completions/../../etc/passwd", "/%00", "/" + "a" * 8000):
+    for path in (
+        "/../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/v1/completions/../../etc/passwd",
+        "/%00",
+        "/" + "a" * 8000,
+    ):
         assert_answer(client.get(path), 404, path)
     assert_answer(client.request("DELETE", "/v1/completions"), 405)
     assert_answer(client.request("PUT", "/admin/reload", content=b"{}"), 405)
 
 
 # -- the HTTP layer, over a raw socket ------------------------------------------------------------------------
-def exchange(url: str, parts: list[bytes], delay: float = 0.0, read_timeout: float = TIMEOUT) -> tuple[int | None, bytes, bool, float]:
-    """Send `parts` (sleeping `delay` between them, stopping early if the server answers), then read one response: until its Content-Length is
-    complete, the server closes, or `read_timeout`. Returns (status or None, the response's bytes, whether
-    the server closed the connection, seconds)."""
+def exchange(
+    url: str, parts: list[bytes], delay: float = 0.0, read_timeout: float = TIMEOUT
+) -> tuple[int | None, bytes, bool, float]:
+    """Send `parts` (sleeping `delay` between them, stopping early if the server answers), then read one
+    response: until its Content-Length is complete, the server closes, or `read_timeout`. Returns (status or None, the
+    response's bytes, whether the server closed the connection, seconds)."""
     host, port = url.removeprefix("http://").split(":")
     start = time.monotonic()
     data, closed = b"", False
@@ -332,23 +476,45 @@ def complete(data: bytes) -> bool:
 def json_body(data: bytes) -> dict:
     """The first response's JSON body (a second response may follow it in `data`)."""
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+    )
     return json.loads(body[:length])
 
 
 RAW = [  # (id, request bytes, statuses allowed besides a 4xx): h11 answers 400 (plain text), the edge a 4xx (JSON)
     ("content-length-negative", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", ()),
     ("content-length-letters", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", ()),
-    ("content-length-31-digits", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1" + b"0" * 30 + b"\r\n\r\n", ()),
-    ("content-length-twice", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", ()),
-    ("content-length-and-chunked", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", ()),
-    ("chunk-size-garbage", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", ()),
+    (
+        "content-length-31-digits",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1" + b"0" * 30 + b"\r\n\r\n",
+        (),
+    ),
+    (
+        "content-length-twice",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        (),
+    ),
+    (
+        "content-length-and-chunked",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        (),
+    ),
+    (
+        "chunk-size-garbage",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        (),
+    ),
     ("transfer-encoding-unknown", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", ()),
     ("non-ascii-path", b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n", ()),
     ("nul-in-path", b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n", ()),
     ("header-without-colon", b"GET /health HTTP/1.1\r\nHost: x\r\nnocolon\r\n\r\n", ()),
     ("header-nul", b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", ()),
-    ("header-folded-is-accepted", b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", (200,)),  # obs-fold, RFC 9112 5.2
+    (
+        "header-folded-is-accepted",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+        (200,),
+    ),  # obs-fold, RFC 9112 5.2
     ("http-2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", ()),
     ("http-0.9", b"GET /health\r\n\r\n", ()),
     ("not-http", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, ()),  # a TLS ClientHello
@@ -369,8 +535,14 @@ def test_malformed_http_is_a_4xx_or_a_close(live, request_bytes, allowed):
 
 
 def test_content_length_past_the_limit_is_413_before_the_body(live):
-    status, data, _, elapsed = exchange(live.url, [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                                   b"Content-Length: 1000000000000\r\n\r\n{"], read_timeout=5)  # fmt: skip
+    status, data, _, elapsed = exchange(
+        live.url,
+        [
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000000\r\n\r\n{"
+        ],
+        read_timeout=5,
+    )
     assert status == 413 and json_body(data)["error"]["code"] == "request_too_large" and elapsed < 5
 
 
@@ -382,10 +554,25 @@ def body_timeout(monkeypatch):
     return 1.0
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/score", "/tokenize", "/detokenize", "/admin/reload"])
+@pytest.mark.parametrize(
+    "path", ["/v1/completions", "/v1/chat/completions", "/v1/score", "/tokenize", "/detokenize", "/admin/reload"]
+)
 def test_slow_body_gets_408_within_the_body_timeout(live, body_timeout, path):
-    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
-    drip = [head] + [b'{"p', b"r", b"o", b"m", b"p", b"t", b'"', b":", b" ", b" "]  # a byte every 0.15 s, never all 1000
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    drip = [head] + [
+        b'{"p',
+        b"r",
+        b"o",
+        b"m",
+        b"p",
+        b"t",
+        b'"',
+        b":",
+        b" ",
+        b" ",
+    ]  # a byte every 0.15 s, never all 1000
     status, data, closed, elapsed = exchange(live.url, drip, delay=0.15, read_timeout=10)
     assert status == 408, data[:300]
     err = json_body(data)["error"]
@@ -421,10 +608,26 @@ def test_main_serves_with_the_request_deadline():
 
 SLOW_CLIENTS = [  # (id, parts sent 0.25 s apart, the status expected before the close, or None)
     ("connects-and-sends-nothing", [], None),
-    ("headers-a-byte-at-a-time", [b"POST /v1/completions HTTP/1.1\r\n"] + [bytes([c]) for c in b"Host: x\r\nX-Slow: " + b"a" * 40], None),
-    ("get-with-a-trickled-body", [b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"] + [b"a"] * 30, 200),
-    ("413-then-a-trickled-body", [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n"] + [b"a"] * 30, 413),
-    ("404-then-a-trickled-body", [b"POST /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"] + [b"a"] * 30, 404),
+    (
+        "headers-a-byte-at-a-time",
+        [b"POST /v1/completions HTTP/1.1\r\n"] + [bytes([c]) for c in b"Host: x\r\nX-Slow: " + b"a" * 40],
+        None,
+    ),
+    (
+        "get-with-a-trickled-body",
+        [b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"] + [b"a"] * 30,
+        200,
+    ),
+    (
+        "413-then-a-trickled-body",
+        [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n"] + [b"a"] * 30,
+        413,
+    ),
+    (
+        "404-then-a-trickled-body",
+        [b"POST /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"] + [b"a"] * 30,
+        404,
+    ),
 ]
 
 
@@ -464,14 +667,20 @@ def test_the_deadline_spares_complete_requests_and_keep_alive(deadline_url, monk
         assert r.status_code == 200 and time.monotonic() - start > 0.3
         time.sleep(1.0)  # idle between requests: uvicorn's keep-alive (5 s) rules, not the deadline
         assert client.get("/health").status_code == 200
-        with client.stream("POST", "/v1/completions", json={"prompt": [1], "max_tokens": 250, "ignore_eos": True, "stream": True}) as r:
+        with client.stream(
+            "POST", "/v1/completions", json={"prompt": [1], "max_tokens": 250, "ignore_eos": True, "stream": True}
+        ) as r:
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and len(events) > 100
 
 
 # -- afterwards ----------------------------------------------------------------------------------------------
 def gauge(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def test_server_is_healthy_after_the_corpus(live, client):
@@ -480,7 +689,10 @@ def test_server_is_healthy_after_the_corpus(live, client):
     deadline = time.monotonic() + 10
     while True:
         text = client.get("/metrics").text
-        running, waiting = gauge(text, "gpt2_serve_num_requests_running"), gauge(text, "gpt2_serve_num_requests_waiting")
+        running, waiting = (
+            gauge(text, "gpt2_serve_num_requests_running"),
+            gauge(text, "gpt2_serve_num_requests_waiting"),
+        )
         if (running, waiting) == (0, 0) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -488,6 +700,8 @@ def test_server_is_healthy_after_the_corpus(live, client):
     assert (running, waiting) == (0, 0)
     assert gauge(text, "gpt2_serve_kv_cache_usage_ratio") == 0
     assert 'gpt2_serve_requests_total{endpoint="/v1/completions",status="500"}' not in text
-    assert not [line for line in text.splitlines() if line.startswith("gpt2_serve_requests_total") and 'status="5' in line]
+    assert not [
+        line for line in text.splitlines() if line.startswith("gpt2_serve_requests_total") and 'status="5' in line
+    ]
     r = client.post("/v1/completions", json={"prompt": "The quick", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

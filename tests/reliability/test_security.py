@@ -71,7 +71,9 @@ def test_huge_header_in_pieces_is_refused_by_h11(live):
 
 def test_many_small_headers_count_too(live):
     headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 20) for i in range(1000))  # ~30 KB
-    status, data, closed, _ = exchange(live.url, [b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"], read_timeout=10)
+    status, data, closed, _ = exchange(
+        live.url, [b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"], read_timeout=10
+    )
     assert status in (400, 431) or (status is None and closed), data[:300]
 
 
@@ -82,10 +84,38 @@ def test_headers_under_the_limit_pass(live):
 
 # -- store references that try to leave the store root -------------------------------------------------------
 ESCAPES = [
-    "../x", "..", ".", "/etc/passwd", "tiny/../../etc", "tiny@../../etc", "tiny@/etc/passwd", "tiny@..",
-    "tiny@./prod", "..@1", "~/x", "~root", "C:\\Windows", "\\\\server\\share", "tiny\\..\\x", "%2e%2e%2fetc",
-    "tiny\x00", "tiny@prod\x00", "\x00", "tiny@1\x00/../../etc", "x" * 10_000, "tiny@" + "p" * 10_000,
-    "tiny@" + "9" * 5000, "tiny@" + "9" * 19, "tiny@\u00b2", "tiny@\u0661", "\uff54iny", "tiny@pr\u043ed", "tiny\n../x", "tiny@prod/../../x", "-rf", "tiny@-1",
+    "../x",
+    "..",
+    ".",
+    "/etc/passwd",
+    "tiny/../../etc",
+    "tiny@../../etc",
+    "tiny@/etc/passwd",
+    "tiny@..",
+    "tiny@./prod",
+    "..@1",
+    "~/x",
+    "~root",
+    "C:\\Windows",
+    "\\\\server\\share",
+    "tiny\\..\\x",
+    "%2e%2e%2fetc",
+    "tiny\x00",
+    "tiny@prod\x00",
+    "\x00",
+    "tiny@1\x00/../../etc",
+    "x" * 10_000,
+    "tiny@" + "p" * 10_000,
+    "tiny@" + "9" * 5000,
+    "tiny@" + "9" * 19,
+    "tiny@\u00b2",
+    "tiny@\u0661",
+    "\uff54iny",
+    "tiny@pr\u043ed",
+    "tiny\n../x",
+    "tiny@prod/../../x",
+    "-rf",
+    "tiny@-1",
 ]
 
 
@@ -125,9 +155,12 @@ def service_processes(store_root: Path, logs: dict[str, Path], **env: str):
     start together (the slow part is importing torch). Yields {level: base URL}."""
     settings = {"DTYPE": "float32", "KV_CACHE_MEMORY": "16MiB", "NUM_THREADS": "1", "DRAIN_TIMEOUT": "2", **env}
     with contextlib.ExitStack() as stack:
-        servers = {level: stack.enter_context(harness.ServerProcess(store_root, "tiny@prod",
-                                                                    {**settings, "LOG_LEVEL": level}, path))
-                   for level, path in logs.items()}  # fmt: skip
+        servers = {
+            level: stack.enter_context(
+                harness.ServerProcess(store_root, "tiny@prod", {**settings, "LOG_LEVEL": level}, path)
+            )
+            for level, path in logs.items()
+        }
         for server in servers.values():
             server.wait_ready(timeout=120)
         yield {level: server.url for level, server in servers.items()}
@@ -141,10 +174,22 @@ def exercise(url: str, key: str, wrong_key: str, prompt: str) -> int:
         ("POST", "/v1/completions", {"prompt": prompt, "max_tokens": 2}, auth, 200),
         ("POST", "/v1/completions", {"prompt": prompt, "max_tokens": 2, "stream": True, "stop": [prompt]}, auth, 200),
         ("POST", "/v1/completions", {"prompt": prompt * 200, "max_tokens": 2}, auth, 400),  # context length
-        ("POST", "/v1/completions", {"prompt": prompt, "temperature": prompt}, auth, 400),  # validation, the value echoed?
+        (
+            "POST",
+            "/v1/completions",
+            {"prompt": prompt, "temperature": prompt},
+            auth,
+            400,
+        ),  # validation, the value echoed?
         ("POST", "/v1/completions", {"prompt": prompt, "logit_bias": {prompt: 1}}, auth, 400),
         ("POST", "/v1/completions", {"prompt": prompt, "model": prompt}, auth, 404),
-        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2}, auth, 200),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2},
+            auth,
+            200,
+        ),
         ("POST", "/v1/chat/completions", {"messages": [{"role": prompt, "content": prompt}]}, auth, 400),
         ("POST", "/v1/score", {"text": prompt}, auth, 200),
         ("POST", "/v1/score", {"context": prompt, "continuations": [prompt]}, auth, 200),
@@ -158,7 +203,11 @@ def exercise(url: str, key: str, wrong_key: str, prompt: str) -> int:
         for method, path, body, headers, expected in requests:
             r = client.request(method, path, json=body, headers=headers)
             assert r.status_code == expected, (path, body, r.status_code, r.text[:200])
-        r = client.post("/v1/completions", content=b'{"prompt": "' + prompt.encode() + b'", ', headers={**auth, "content-type": "application/json"})
+        r = client.post(
+            "/v1/completions",
+            content=b'{"prompt": "' + prompt.encode() + b'", ',
+            headers={**auth, "content-type": "application/json"},
+        )
         assert r.status_code == 400
     return len(requests) + 1
 
@@ -226,12 +275,18 @@ def unsafe_loads(source: str) -> list[str]:
             continue
         name = dotted(node.func)
         kw = {k.arg: k.value for k in node.keywords}
-        true = lambda arg: isinstance(kw.get(arg), ast.Constant) and kw[arg].value is True  # noqa: E731
+        true = lambda arg, kw=kw: isinstance(kw.get(arg), ast.Constant) and kw[arg].value is True  # noqa: E731
         if name == "torch.load" and not true("weights_only"):
             found.append(f"line {node.lineno}: torch.load without weights_only=True")
-        if name in ("numpy.load", "np.load") and "allow_pickle" in kw and not (isinstance(kw["allow_pickle"], ast.Constant) and kw["allow_pickle"].value is False):
+        if (
+            name in ("numpy.load", "np.load")
+            and "allow_pickle" in kw
+            and not (isinstance(kw["allow_pickle"], ast.Constant) and kw["allow_pickle"].value is False)
+        ):
             found.append(f"line {node.lineno}: numpy.load(allow_pickle=...)")
-        if name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load") and "Safe" not in ast.unparse(kw.get("Loader", ast.Constant(""))):
+        if name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load") and "Safe" not in ast.unparse(
+            kw.get("Loader", ast.Constant(""))
+        ):
             found.append(f"line {node.lineno}: {name} without a safe Loader")
         if name in ("eval", "exec", "builtins.eval", "builtins.exec"):
             found.append(f"line {node.lineno}: {name}()")
@@ -240,25 +295,28 @@ def unsafe_loads(source: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("source, bad", [
-    ("import torch\ntorch.load(p)", True),
-    ("import torch\ntorch.load(p, weights_only=False)", True),
-    ("import torch as t\nt.load(p, map_location='cpu')", True),
-    ("from torch import load\nload(p)", True),
-    ("import torch\ntorch.load(p, map_location='cpu', weights_only=True)", False),
-    ("import pickle\npickle.load(f)", True),
-    ("import pickle as p\np.loads(b)", True),
-    ("from pickle import Unpickler", True),
-    ("import pickle\ntry:\n    pass\nexcept pickle.UnpicklingError:\n    pass", False),
-    ("import dill\ndill.load(f)", True),
-    ("import numpy as np\nnp.load(p, allow_pickle=True)", True),
-    ("import numpy as np\nnp.load(p)", False),
-    ("import yaml\nyaml.load(s)", True),
-    ("import yaml\nyaml.load(s, Loader=yaml.SafeLoader)", False),
-    ("from transformers import AutoModel\nAutoModel.from_pretrained(p, trust_remote_code=True)", True),
-    ("eval(s)", True),
-    ("model.eval()", False),
-])
+@pytest.mark.parametrize(
+    "source, bad",
+    [
+        ("import torch\ntorch.load(p)", True),
+        ("import torch\ntorch.load(p, weights_only=False)", True),
+        ("import torch as t\nt.load(p, map_location='cpu')", True),
+        ("from torch import load\nload(p)", True),
+        ("import torch\ntorch.load(p, map_location='cpu', weights_only=True)", False),
+        ("import pickle\npickle.load(f)", True),
+        ("import pickle as p\np.loads(b)", True),
+        ("from pickle import Unpickler", True),
+        ("import pickle\ntry:\n    pass\nexcept pickle.UnpicklingError:\n    pass", False),
+        ("import dill\ndill.load(f)", True),
+        ("import numpy as np\nnp.load(p, allow_pickle=True)", True),
+        ("import numpy as np\nnp.load(p)", False),
+        ("import yaml\nyaml.load(s)", True),
+        ("import yaml\nyaml.load(s, Loader=yaml.SafeLoader)", False),
+        ("from transformers import AutoModel\nAutoModel.from_pretrained(p, trust_remote_code=True)", True),
+        ("eval(s)", True),
+        ("model.eval()", False),
+    ],
+)
 def test_the_unsafe_load_finder_finds_them(source, bad):
     assert bool(unsafe_loads(source)) == bad, unsafe_loads(source)
 
@@ -275,22 +333,28 @@ def test_weights_are_loaded_only_as_data():
 
 
 # -- chat templates come from the store: rendered sandboxed ---------------------------------------------------
-@pytest.mark.parametrize("template", [
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ cycler.__init__.__globals__.os.popen('touch /tmp/pwned').read() }}",
-    "{{ messages.__class__.__base__.__subclasses__() }}",
-    "{% for m in messages %}{{ m.content.__class__.__init__.__globals__ }}{% endfor %}",
-    "{{ messages.append(1) }}{{ messages }}",
-    "{{ self._TemplateReference__context }}",
-    "{% for i in range(10**6) %}{% endfor %}",  # past the sandbox's range limit: OverflowError
-    "{{ 1 // 0 }}",  # ZeroDivisionError: a template failing in Python, not in jinja
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ cycler.__init__.__globals__.os.popen('touch /tmp/pwned').read() }}",
+        "{{ messages.__class__.__base__.__subclasses__() }}",
+        "{% for m in messages %}{{ m.content.__class__.__init__.__globals__ }}{% endfor %}",
+        "{{ messages.append(1) }}{{ messages }}",
+        "{{ self._TemplateReference__context }}",
+        "{% for i in range(10**6) %}{% endfor %}",  # past the sandbox's range limit: OverflowError
+        "{{ 1 // 0 }}",  # ZeroDivisionError: a template failing in Python, not in jinja
+    ],
+)
 def test_chat_templates_cannot_reach_python(http_store, template):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(http_store[1][1] / "tokenizer.json"))
-    backend = SimpleNamespace(loaded=SimpleNamespace(tokenizer=tok, manifest=SimpleNamespace(
-        tokenizer=SimpleNamespace(eos_token_id=0, chat_template=template))))  # fmt: skip
+    backend = SimpleNamespace(
+        loaded=SimpleNamespace(
+            tokenizer=tok, manifest=SimpleNamespace(tokenizer=SimpleNamespace(eos_token_id=0, chat_template=template))
+        )
+    )
     with pytest.raises(APIError) as err:
         chat_prompt([ChatMessage(role="user", content="hi")], backend)
     assert err.value.status == 400 and err.value.param == "messages"
@@ -300,7 +364,9 @@ def test_chat_templates_cannot_reach_python(http_store, template):
 def test_message_content_is_data_not_template(http_store):
     with serve(http_store[0], model="tiny@3") as live:  # tiny@3 has a chat template
         content = "{{ cycler.__init__.__globals__.os.popen('touch /tmp/pwned2').read() }}{% raw %}"
-        r = live.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "max_tokens": 1})
+        r = live.client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+        )
         assert r.status_code == 200
         ids = live.client.post("/tokenize", json={"prompt": f"[user] {content}\n[assistant]"}).json()["count"]
         assert r.json()["usage"]["prompt_tokens"] == ids  # rendered verbatim

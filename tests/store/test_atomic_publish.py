@@ -28,8 +28,10 @@ STAGES = {
 def start_import(root: Path, src: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "model_store", "--root", str(root), "import-hf", str(src), "--name", "big"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def freeze_at(proc: subprocess.Popen, root: Path, reached, deadline_s: float = 120) -> Path:
@@ -51,8 +53,9 @@ def assert_nothing_visible(root: Path) -> None:
     assert store.names() == [] and store.versions("big") == []
     with pytest.raises(NotFoundError):
         store.resolve("big")
-    listing = subprocess.run([sys.executable, "-m", "model_store", "--root", str(root), "list"],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    listing = subprocess.run(
+        [sys.executable, "-m", "model_store", "--root", str(root), "list"], capture_output=True, text=True, timeout=60
+    )
     assert listing.returncode == 0 and "big" not in listing.stdout
 
 

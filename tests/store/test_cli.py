@@ -15,8 +15,11 @@ from service.model import load_model
 def cli(root, *args, env=None, timeout=120):
     return subprocess.run(
         [sys.executable, "-m", "model_store", "--root", str(root), *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_one_line_error(result, fragment):

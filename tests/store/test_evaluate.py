@@ -13,8 +13,14 @@ from transformers import GPT2LMHeadModel
 from model_store import ModelStore
 from model_store.__main__ import main
 from model_store.evaluate import (
-    bits_per_byte, completion_quality, exact_match, normalize_answer, perplexity, token_f1, token_nll,
-)  # fmt: skip
+    bits_per_byte,
+    completion_quality,
+    exact_match,
+    normalize_answer,
+    perplexity,
+    token_f1,
+    token_nll,
+)
 from model_store.hf_format import load_hf_model
 from model_store.import_hf import import_hf
 from model_store.manifest import sha256_file
@@ -185,7 +191,19 @@ def texts(tmp_path):
 
 def test_cli_eval_prints_table_and_json(tiny, texts, capsys):
     store = tiny[0]
-    status, out, err = run_cli(capsys, store, "eval", "tiny@1", "--text", str(texts[0]), "--qa", str(texts[1]), "--json", "--max-new-tokens", "8")
+    status, out, err = run_cli(
+        capsys,
+        store,
+        "eval",
+        "tiny@1",
+        "--text",
+        str(texts[0]),
+        "--qa",
+        str(texts[1]),
+        "--json",
+        "--max-new-tokens",
+        "8",
+    )
     assert status == 0, err
     data = json.loads(out)
     assert data["ref"] == "tiny@1" and data["text"]["perplexity"] > 1 and data["qa"]["num_examples"] == 1
@@ -216,7 +234,9 @@ def test_record_adds_a_manifest_revision_and_keeps_weights_and_earlier_metrics(m
 
     status, _, err = run_cli(capsys, store, "eval", "tiny@1", "--text", str(texts[0]), "--record")
     assert status == 0 and "manifest revision 3" in err
-    status, _, _ = run_cli(capsys, store, "eval", "tiny@1", "--qa", str(texts[1]), "--record", "--label", "qa", "--max-new-tokens", "8")
+    status, _, _ = run_cli(
+        capsys, store, "eval", "tiny@1", "--qa", str(texts[1]), "--record", "--label", "qa", "--max-new-tokens", "8"
+    )
     assert status == 0
 
     manifest = store.verify("tiny@1").manifest  # every file still matches its recorded hash

@@ -139,7 +139,11 @@ def test_pickled_code_in_a_bin_checkpoint_is_never_run(store, make_hf_model, tmp
 
 @pytest.mark.parametrize(
     "remove, fragment",
-    [(["model.safetensors"], "has no weights"), (["tokenizer.json"], "has no tokenizer"), (["config.json"], "no config.json")],
+    [
+        (["model.safetensors"], "has no weights"),
+        (["tokenizer.json"], "has no tokenizer"),
+        (["config.json"], "no config.json"),
+    ],
 )
 def test_missing_files_are_named(store, make_hf_model, remove, fragment):
     src = make_hf_model()

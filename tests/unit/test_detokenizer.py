@@ -21,9 +21,17 @@ TEXTS = [
     "Cr\u00e8me br\u00fbl\u00e9e, \u00e5ngstr\u00f6m, Stra\u00dfe, \u0148\u0105\u0161",
     "mixed: caf\u00e9 \U0001f680 \u4f60\u597d tokens\n\tend",
 ]
-CHAR_POOL = list("abc xyz.,\n") + list("\u00e9\u00fc\u00df\u0148") + list("\u65e5\u672c\u8a9e") + [
-    "\U0001f600", "\U0001f44d", "\U0001f3fd", "\U0001f680",
-]  # fmt: skip
+CHAR_POOL = (
+    list("abc xyz.,\n")
+    + list("\u00e9\u00fc\u00df\u0148")
+    + list("\u65e5\u672c\u8a9e")
+    + [
+        "\U0001f600",
+        "\U0001f44d",
+        "\U0001f3fd",
+        "\U0001f680",
+    ]
+)
 
 
 @pytest.fixture(scope="module")

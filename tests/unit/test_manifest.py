@@ -33,7 +33,15 @@ def test_manifest_records_what_the_issue_lists():
     data = json.loads(make_manifest().to_json())
     assert data["schema_version"] == 1 and data["name"] == "m" and data["version"] == 1 and data["created_at"]
     cfg = data["config"]
-    for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "layer_norm_epsilon", "activation_function"):
+    for key in (
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "n_positions",
+        "vocab_size",
+        "layer_norm_epsilon",
+        "activation_function",
+    ):
         assert key in cfg
     assert data["dtype"] == "float32"
     assert data["files"] == [{"path": "model.safetensors", "size": 10, "sha256": "ab" * 32}]

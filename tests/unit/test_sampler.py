@@ -7,8 +7,8 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from service.engine.sampler import (
-    SampleResult,
     Sampler,
+    SampleResult,
     SamplingRow,
     apply_penalties,
     logprobs_topn,

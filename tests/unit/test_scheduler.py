@@ -32,7 +32,9 @@ class FakeEngine:
 
     def step(self):
         batch = self.sched.schedule()
-        self.batches.append([(s.request_id, n, s.num_computed_tokens, s.num_tokens) for s, n in zip(batch.seqs, batch.num_new_tokens)])
+        self.batches.append(
+            [(s.request_id, n, s.num_computed_tokens, s.num_tokens) for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        )
         for s in batch.seqs:
             if s.request_id not in self.admitted:
                 self.admitted.append(s.request_id)
@@ -60,7 +62,7 @@ def expected_output(prompt, max_tokens):
     ids = list(prompt)
     for _ in range(max_tokens):
         ids.append(fake_next_token(ids))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def prompts(n, seed=0, lo=3, hi=40):
