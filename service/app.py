@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from model_store import ModelStore
 from model_store.registry import store_root
 
-from .api import completions, errors, score, system
+from .api import chat, completions, errors, score, system
 from .api.errors import error_body
 from .config import ServiceConfig
 from .metrics import Metrics
@@ -62,7 +62,7 @@ def create_app(config: ServiceConfig, *, start_engine: bool = True) -> FastAPI:
     app.state.server = server
     app.state.config = config
     errors.install(app)
-    for module in (completions, score, system):
+    for module in (completions, chat, score, system):
         app.include_router(module.router)
     app.add_middleware(EdgeMiddleware, config=config, server=server)
     app.openapi = lambda: _openapi(app)
@@ -201,8 +201,8 @@ class EdgeMiddleware:
             self.metrics.rejections.labels("body_too_large").inc()
         elif status in (400, 408, 422, 431):
             self.metrics.rejections.labels("validation").inc()
-        if endpoint in TIMED_ENDPOINTS and status == 200 and self.server.backend is not None:
-            self.metrics.e2e.labels(*self.server.backend.labels).observe(duration)
+        if endpoint in TIMED_ENDPOINTS and status == 200 and self.server.served is not None:
+            self.metrics.e2e.labels(*self.server.served.labels).observe(duration)
         fields = {
             "request_id": request_id,
             "method": scope.get("method"),

@@ -2,7 +2,9 @@
 
 `ServiceConfig.from_env()` parses every variable once, at start, into a frozen dataclass that is passed
 down; an invalid value raises `ConfigError` naming the variable, and the process exits before loading
-anything. `VARIABLES` is the table the README documents (name, default, meaning).
+anything. `VARIABLES` is the table the README documents (name, default, meaning). Each default is written
+once: the engine's own knobs take the engine's defaults (`SchedulerConfig`, `EngineConfig`), and
+`ServiceConfig`'s field defaults are the variables' defaults, parsed.
 """
 
 import os
@@ -11,8 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engine.engine import EngineConfig
-from service.engine.scheduler import SchedulerConfig
+from service.engine import EngineConfig, SchedulerConfig
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,14 @@ def _positive_bytes(text: str) -> int:
     return value
 
 
+def _size_text(num_bytes: int) -> str:
+    """Bytes as the largest binary unit that divides them exactly: 1073741824 -> 1GiB."""
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if num_bytes % size == 0:
+            return f"{num_bytes // size}{unit}"
+    return str(num_bytes)
+
+
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return lambda text: None if text.strip() == "" else parse(text)
 
@@ -105,6 +114,8 @@ class Variable:
     help: str
     parse: Callable[[str], Any] = field(repr=False)
 
+
+_ENGINE, _SCHEDULER = EngineConfig(), SchedulerConfig()
 
 VARIABLES: tuple[Variable, ...] = (
     Variable("HOST", "127.0.0.1", "address to listen on (0.0.0.0 in containers)", str.strip),
@@ -119,14 +130,29 @@ VARIABLES: tuple[Variable, ...] = (
         "float32, bfloat16, float16 (CUDA only)",
         _choice("auto", "float32", "bfloat16", "float16"),
     ),
-    Variable("MAX_NUM_SEQS", "64", "sequences decoded together per step", _int(1, 4096)),
-    Variable("MAX_NUM_BATCHED_TOKENS", "2048", "tokens computed per step (prefill chunk budget)", _int(16, 1 << 20)),
+    Variable("MAX_NUM_SEQS", str(_SCHEDULER.max_num_seqs), "sequences decoded together per step", _int(1, 4096)),
+    Variable(
+        "MAX_NUM_BATCHED_TOKENS",
+        str(_SCHEDULER.max_num_batched_tokens),
+        "tokens computed per step (prefill chunk budget)",
+        _int(16, 1 << 20),
+    ),
     Variable(
         "MAX_MODEL_LEN", "", "prompt + completion limit in tokens (default: the model's context)", _optional(_int(2))
     ),
-    Variable("KV_CACHE_MEMORY", "1GiB", "KV cache budget (bytes, or 512MiB, 2GiB, ...)", _positive_bytes),
-    Variable("MAX_WAITING_REQUESTS", "256", "sequences allowed to wait; beyond it: 429", _int(1)),
-    Variable("MAX_WAITING_TOKENS", "262144", "prompt tokens allowed to wait; beyond it: 429", _int(1)),
+    Variable(
+        "KV_CACHE_MEMORY",
+        _size_text(_ENGINE.kv_cache_bytes),
+        "KV cache budget (bytes, or 512MiB, 2GiB, ...)",
+        _positive_bytes,
+    ),
+    Variable("MAX_WAITING_REQUESTS", str(_SCHEDULER.max_waiting), "sequences allowed to wait; beyond it: 429", _int(1)),
+    Variable(
+        "MAX_WAITING_TOKENS",
+        str(_SCHEDULER.max_waiting_tokens),
+        "prompt tokens allowed to wait; beyond it: 429",
+        _int(1),
+    ),
     Variable("MAX_N", "16", "largest `n` (samples per prompt) a request may ask for", _int(1, 256)),
     Variable("MAX_STOP", "16", "most stop strings per request", _int(0, 1024)),
     Variable("API_KEYS", "", "comma-separated Bearer keys; empty: no authentication", _keys),
@@ -143,28 +169,33 @@ VARIABLES: tuple[Variable, ...] = (
 )
 
 
+_DEFAULTS: dict[str, Any] = {var.name.lower(): var.parse(var.default) for var in VARIABLES}
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model: str = "default@prod"
-    model_store_root: str = ""
-    device: str = "cpu"
-    dtype: str = "auto"
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    kv_cache_memory: int = 1 << 30
-    max_waiting_requests: int = 256
-    max_waiting_tokens: int = 1 << 18
-    max_n: int = 16
-    max_stop: int = 16
-    api_keys: tuple[str, ...] = ()
-    max_body_bytes: int = 2 << 20
-    drain_timeout: float = 30.0
-    log_level: str = "info"
-    num_threads: int | None = None
-    seed: int | None = None
+    """Every variable of `VARIABLES`, parsed; a field's default is its variable's."""
+
+    host: str = _DEFAULTS["host"]
+    port: int = _DEFAULTS["port"]
+    model: str = _DEFAULTS["model"]
+    model_store_root: str = _DEFAULTS["model_store_root"]
+    device: str = _DEFAULTS["device"]
+    dtype: str = _DEFAULTS["dtype"]
+    max_num_seqs: int = _DEFAULTS["max_num_seqs"]
+    max_num_batched_tokens: int = _DEFAULTS["max_num_batched_tokens"]
+    max_model_len: int | None = _DEFAULTS["max_model_len"]
+    kv_cache_memory: int = _DEFAULTS["kv_cache_memory"]
+    max_waiting_requests: int = _DEFAULTS["max_waiting_requests"]
+    max_waiting_tokens: int = _DEFAULTS["max_waiting_tokens"]
+    max_n: int = _DEFAULTS["max_n"]
+    max_stop: int = _DEFAULTS["max_stop"]
+    api_keys: tuple[str, ...] = _DEFAULTS["api_keys"]
+    max_body_bytes: int = _DEFAULTS["max_body_bytes"]
+    drain_timeout: float = _DEFAULTS["drain_timeout"]
+    log_level: str = _DEFAULTS["log_level"]
+    num_threads: int | None = _DEFAULTS["num_threads"]
+    seed: int | None = _DEFAULTS["seed"]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ServiceConfig":

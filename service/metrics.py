@@ -17,7 +17,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from service.engine.types import FinishReason, RequestStats, StepStats
+from service.engine import FinishReason, RequestStats, StepStats
 
 PREFIX = "gpt2_serve_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -1,30 +1,36 @@
 """The model being served and its lifecycle: load, warm up, ready, hot reload, drain.
 
-Owns which store version answers requests (`Backend`: the loaded model, its engine thread, its name and
-version) and how many requests each backend has in flight. Routes ask `ModelServer.session()` for the
-current backend and hold it until their response is complete, so a hot reload lets requests in flight
-finish on the old weights while new ones go to the new version, and a drain knows when it is done.
-Nothing here parses HTTP bodies.
+Owns which store version answers requests (`ServedModel`: the loaded model, its engine thread, its name and
+version, and what the routes need of its tokenizer) and how many requests each one has in flight. Routes
+take a `Lease` on the current model (`ModelServer.lease()`) and hold it until their response is complete, so
+a hot reload lets requests in flight finish on the old weights while new ones go to the new version, and a
+drain knows when it is done. When nothing is serving, `NotServing` says why; the API answers it with 503.
+Nothing here parses or builds HTTP.
 """
 
 import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from tokenizers import Tokenizer
+
 from model_store import ModelStore
 from service.config import ServiceConfig
-from service.engine.async_engine import AsyncEngine
-from service.engine.engine import Engine
-from service.engine.types import SamplingParams
+from service.engine import (
+    AsyncEngine,
+    Engine,
+    EngineHooks,
+    EngineOutput,
+    EngineRequest,
+    SamplingParams,
+    TokenStrings,
+)
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
-
-from .api.errors import APIError
-from .api.protocol import TokenStrings
 
 logger = logging.getLogger("service")
 
@@ -37,17 +43,34 @@ class State(str, Enum):
     FAILED = "failed"  # the engine thread died: not ready, and `python -m service` exits so it is restarted
 
 
+class NotServing(Exception):
+    """No model answers requests now (HTTP 503 with Retry-After). `reason` is the rejection metric's label:
+    `not_ready` (loading, or the engine failed) or `draining` (shutting down)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
 @dataclass(eq=False)
-class Backend:
+class ServedModel:
+    """One store version loaded and served by its own engine thread."""
+
     loaded: LoadedModel
     engine: AsyncEngine
-    name: str
-    version: int
     max_model_len: int
     token_strings: TokenStrings
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.loaded.manifest.version
 
     @property
     def model_id(self) -> str:
@@ -58,20 +81,70 @@ class Backend:
         return self.name, str(self.version)
 
     @property
+    def tokenizer(self) -> Tokenizer:
+        return self.loaded.tokenizer
+
+    @property
     def eos_token_id(self) -> int | None:
         return self.loaded.manifest.tokenizer.eos_token_id
 
     @property
+    def bos_token_id(self) -> int | None:
+        return self.loaded.manifest.tokenizer.bos_token_id
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.loaded.manifest.tokenizer.chat_template
+
+    @property
     def vocab_size(self) -> int:
         return self.loaded.model.cfg.vocab_size
+
+    @property
+    def dtype(self) -> str:
+        return str(self.loaded.dtype).removeprefix("torch.")
+
+    @property
+    def device(self) -> str:
+        return str(self.loaded.device)
+
+
+class Lease:
+    """A served model held for one request until its response is complete: a hot reload retires the model,
+    and a drain finishes, only once nothing holds it. Release it once (a context manager, or `release()`);
+    a streaming response takes it over with `hand_over()`."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.model, self._held = model, True
+        model.in_flight += 1
+        model.idle.clear()
+
+    def hand_over(self) -> "Lease":
+        """A lease that holds the model from now on, in place of this one (which releases nothing)."""
+        other = object.__new__(Lease)
+        other.model, other._held, self._held = self.model, self._held, False
+        return other
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.model.in_flight -= 1
+            if self.model.in_flight == 0:
+                self.model.idle.set()
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class ModelServer:
     def __init__(self, config: ServiceConfig, store: ModelStore, metrics: Metrics) -> None:
         self.config, self.store, self.metrics = config, store, metrics
         self.state = State.LOADING
-        self.backend: Backend | None = None
-        self._retired: set[Backend] = set()
+        self.served: ServedModel | None = None
+        self._retired: set[ServedModel] = set()
         self._reload_lock = asyncio.Lock()
         self._request_counter = 0
         self.failure: BaseException | None = None  # why the served engine died, if it did
@@ -80,15 +153,15 @@ class ModelServer:
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load the configured model, run a warm-up request through it, then turn ready."""
-        self.backend = await self._open(self.config.model)
+        self.served = await self._open(self.config.model)
         self.state = State.READY
-        logger.info("ready", extra={"fields": {"model": self.backend.model_id}})
+        logger.info("ready", extra={"fields": {"model": self.served.model_id}})
 
-    async def reload(self, ref: str) -> Backend:
-        """Serve `ref` from now on; requests in flight finish on the old backend, which then stops."""
+    async def reload(self, ref: str) -> ServedModel:
+        """Serve `ref` from now on; requests in flight finish on the old model, whose engine then stops."""
         async with self._reload_lock:
             new = await self._open(ref)
-            old, self.backend = self.backend, new
+            old, self.served = self.served, new
             if old is not None:
                 self._retired.add(old)
                 asyncio.get_running_loop().create_task(self._retire(old))
@@ -99,53 +172,57 @@ class ModelServer:
         """Stop admitting (ready turns 503), let requests in flight finish for up to `timeout` seconds,
         then abort what is left: its clients get a final error frame. Then stop every engine thread."""
         self.state = State.DRAINING
-        backends = [b for b in (self.backend, *self._retired) if b is not None]
-        pending = [asyncio.ensure_future(b.idle.wait()) for b in backends if b.in_flight]
+        models = [m for m in (self.served, *self._retired) if m is not None]
+        pending = [asyncio.ensure_future(m.idle.wait()) for m in models if m.in_flight]
         if pending:
             _, late = await asyncio.wait(pending, timeout=timeout)
             for task in late:
                 task.cancel()
-        for backend in backends:
-            await asyncio.to_thread(backend.engine.stop)  # in-flight streams get EngineDead
+        for model in models:
+            await asyncio.to_thread(model.engine.stop)  # in-flight streams get EngineDead
         self.state = State.STOPPED
 
-    async def _open(self, ref: str) -> Backend:
+    async def _open(self, ref: str) -> ServedModel:
+        """Load `ref`, warm its engine up with one request (outside the metrics), and start its thread."""
         loaded = await asyncio.to_thread(
             load_model, self.store, ref, device=self.config.device, dtype=self.config.dtype
         )
-        manifest = loaded.manifest
         engine_config = self.config.engine_config(loaded.model.cfg.n_positions)
-        labels = (manifest.name, str(manifest.version))
         engine = Engine(loaded, engine_config)
-        loop = asyncio.get_running_loop()
+        warmup = EngineRequest("warmup", [loaded.manifest.tokenizer.eos_token_id or 0], WARMUP)
+        await asyncio.to_thread(_run_alone, engine, warmup)
+        labels = (loaded.manifest.name, str(loaded.manifest.version))
+        async_engine = AsyncEngine(engine, self._hooks(labels))
+        model = ServedModel(loaded, async_engine, engine_config.scheduler.max_model_len, TokenStrings(loaded.tokenizer))
+        async_engine.start()
+        model.idle.set()
+        self.metrics.serving(model.labels, model.dtype, model.device)
+        return model
+
+    def _hooks(self, labels: tuple[str, str]) -> EngineHooks:
+        """What the metrics observe of one model's engine, and how its death reaches the event loop."""
+        metrics, loop = self.metrics, asyncio.get_running_loop()
 
         def died(exc: BaseException) -> None:  # on the engine thread
             with contextlib.suppress(RuntimeError):  # the loop is already closed: nothing left to tell
-                loop.call_soon_threadsafe(self._engine_died, async_engine, exc)
+                loop.call_soon_threadsafe(self._engine_died, exc)
 
-        async_engine = AsyncEngine(engine, on_step=lambda stats: self.metrics.step(labels, stats), on_death=died)
-        async_engine.start()
-        backend = Backend(
-            loaded,
-            async_engine,
-            manifest.name,
-            manifest.version,
-            engine_config.scheduler.max_model_len,
-            TokenStrings(loaded.tokenizer),
+        def finished(out: EngineOutput) -> None:
+            metrics.sequence_finished(labels, out.stats, out.finish_reason, len(out.prompt_logprobs or ()))
+
+        return EngineHooks(
+            on_step=lambda stats: metrics.step(labels, stats),
+            on_death=died,
+            on_finish=finished,
+            on_abort=lambda count: metrics.aborts.labels(*labels).inc(count),
         )
-        backend.idle.set()
-        warmup = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        async for _ in async_engine.generate("warmup", [backend.eos_token_id or 0], warmup):
-            pass
-        self.metrics.serving(labels, str(loaded.dtype).removeprefix("torch."), str(loaded.device))
-        return backend
 
-    def _engine_died(self, engine: AsyncEngine, exc: BaseException) -> None:
+    def _engine_died(self, exc: BaseException) -> None:
         """The served engine's thread stopped after a failed step: its requests already got an error. Turn
         not ready (new requests: 503) and tell the process, which exits non-zero so a supervisor restarts
         it, rather than staying up, ready, and failing every request. A retired engine only fails its own
         requests."""
-        if self.backend is None or self.backend.engine is not engine or self.state is not State.READY:
+        if self.served is None or self.served.engine.error is not exc or self.state is not State.READY:
             return
         self.state, self.failure = State.FAILED, exc
         logger.error(
@@ -154,36 +231,39 @@ class ModelServer:
         if self.on_failure is not None:
             self.on_failure()
 
-    async def _retire(self, backend: Backend) -> None:
-        await backend.idle.wait()
-        await asyncio.to_thread(backend.engine.stop)
-        self._retired.discard(backend)
+    async def _retire(self, model: ServedModel) -> None:
+        await model.idle.wait()
+        await asyncio.to_thread(model.engine.stop)
+        self._retired.discard(model)
 
     # -- requests --------------------------------------------------------------------------------------------
     def request_id(self, prefix: str) -> str:
         self._request_counter += 1
         return f"{prefix}-{self._request_counter}"
 
-    @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[Backend]:
-        """The backend to serve one request on, held until the request is complete."""
-        if self.state is not State.READY or self.backend is None:
-            reason = "draining" if self.state in (State.DRAINING, State.STOPPED) else "not_ready"
-            self.metrics.rejections.labels(reason).inc()
-            message = (
-                "the server is shutting down"
-                if reason == "draining"
-                else "the engine failed; retry on another replica"
-                if self.state is State.FAILED
-                else "the model is still loading"
-            )
-            raise APIError(503, message, code="service_unavailable", headers={"Retry-After": "1"})
-        backend = self.backend
-        backend.in_flight += 1
-        backend.idle.clear()
-        try:
-            yield backend
-        finally:
-            backend.in_flight -= 1
-            if backend.in_flight == 0:
-                backend.idle.set()
+    def current(self) -> ServedModel:
+        """The model that answers requests now; NotServing (counted as a rejection) when none does."""
+        if self.state is State.READY and self.served is not None:
+            return self.served
+        if self.state in (State.DRAINING, State.STOPPED):
+            reason, message = "draining", "the server is shutting down"
+        elif self.state is State.FAILED:
+            reason, message = "not_ready", "the engine failed; retry on another replica"
+        else:
+            reason, message = "not_ready", "the model is still loading"
+        self.metrics.rejections.labels(reason).inc()
+        raise NotServing(reason, message)
+
+    def lease(self) -> Lease:
+        """The current model, held until the request is complete (see `Lease`); NotServing when none."""
+        return Lease(self.current())
+
+
+WARMUP = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+
+def _run_alone(engine: Engine, request: EngineRequest) -> None:
+    """Run one request to the end on an engine no thread drives yet."""
+    engine.add(request)
+    while engine.has_work:
+        engine.step()

@@ -1,16 +1,52 @@
-"""Chat messages to prompt token ids: the model's chat template when its tokenizer has one (rendered in a
-sandbox, as transformers does), else the DialoGPT convention: each turn's text followed by EOS, so the
-model continues with the next (assistant) turn.
+"""`POST /v1/chat/completions`: OpenAI-compatible chat, streaming or not, and chat messages to prompt token
+ids: the model's chat template when its tokenizer has one (rendered in a sandbox, as transformers does),
+else the DialoGPT convention: each turn's text followed by EOS, so the model continues with the next
+(assistant) turn.
 """
 
+import time
+from collections.abc import AsyncIterator
 from functools import lru_cache
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from service.engine import EngineRequest, RequestHandle
+from service.serving import ServedModel
+
+from .completions import Choice, Reply, check_total, collect_choices, finish_reason, max_new_tokens, output_entries
 from .errors import invalid
-from .protocol import encode
-from .schemas import ChatMessage
+from .protocol import LogprobEntry, PromptInput, check_model, encode, sampling_params
+from .schemas import ChatCompletionRequest, ChatMessage
+from .streams import EventStream, abort_on_disconnect, sse, submit
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    server = request.app.state.server
+    with server.lease() as lease:
+        model = lease.model
+        check_model(req.model, model)
+        ids = chat_prompt(req.messages, model)
+        max_tokens = max_new_tokens(req.max_completion_tokens or req.max_tokens, len(ids), model.max_model_len, False)
+        top = req.top_logprobs if req.logprobs else None
+        params = sampling_params(
+            req, server.config, model.vocab_size, max_tokens=max_tokens, logprobs=top, prompt_logprobs=None
+        )
+        jobs = [EngineRequest(server.request_id("chatcmpl"), ids, params)]
+        check_total(req.n, server.config.max_waiting_requests)
+        handle = await submit(model, jobs)
+        reply = Reply(model, [PromptInput(ids, "")], jobs, req.n)
+        request.state.usage = reply.usage
+        if req.stream:
+            return EventStream(_chat_chunks(req, reply, handle), lease.hand_over(), handle)
+        async with abort_on_disconnect(request, handle):
+            choices = await collect_choices(reply, handle)
+    return JSONResponse(_chat_body(req, reply, choices))
 
 
 @lru_cache(maxsize=8)
@@ -19,14 +55,12 @@ def _template(source: str):
     return env.from_string(source)
 
 
-def chat_prompt(messages: list[ChatMessage], backend) -> list[int]:
-    tokenizer = backend.loaded.tokenizer
-    info = backend.loaded.manifest.tokenizer
-    eos_id = info.eos_token_id
+def chat_prompt(messages: list[ChatMessage], model: ServedModel) -> list[int]:
+    tokenizer, eos_id = model.tokenizer, model.eos_token_id
     eos = tokenizer.id_to_token(eos_id) if eos_id is not None else None
-    if info.chat_template:
+    if model.chat_template:
         try:
-            text = _template(info.chat_template).render(
+            text = _template(model.chat_template).render(
                 messages=[m.model_dump() for m in messages],
                 add_generation_prompt=True,
                 eos_token=eos or "",
@@ -46,3 +80,66 @@ def chat_prompt(messages: list[ChatMessage], backend) -> list[int]:
     if not ids:
         raise invalid("the messages encode to no tokens", "messages")
     return ids
+
+
+def _chat_body(req: ChatCompletionRequest, reply: Reply, choices: list[Choice]) -> dict:
+    return {
+        "id": reply.id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": reply.model.model_id,
+        "usage": reply.usage,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(c.entries, reply.model) if req.logprobs else None,
+                "finish_reason": c.finish_reason or "length",
+            }
+            for i, c in enumerate(choices)
+        ],
+    }
+
+
+def _chat_logprobs(entries: list[LogprobEntry], model: ServedModel) -> dict:
+    strings = model.token_strings
+    return {
+        "content": [
+            {
+                "token": strings(e.token_id),
+                "logprob": e.logprob,
+                "bytes": list(strings.raw(e.token_id)),
+                "top_logprobs": [
+                    {"token": strings(t), "logprob": lp, "bytes": list(strings.raw(t))} for t, lp in e.top or []
+                ],
+            }
+            for e in entries
+        ]
+    }
+
+
+async def _chat_chunks(req: ChatCompletionRequest, reply: Reply, handle: RequestHandle) -> AsyncIterator[bytes]:
+    def chunk(choices: list[dict], **extra) -> bytes:
+        head = {
+            "id": reply.id,
+            "object": "chat.completion.chunk",
+            "created": reply.created,
+            "model": reply.model.model_id,
+        }
+        return sse({**head, "choices": choices, **extra})
+
+    def delta(index: int, content: dict, reason: str | None, logprobs: dict | None = None) -> dict:
+        return {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": reason}
+
+    choices = reply.choices()
+    for i in range(req.n):
+        yield chunk([delta(i, {"role": "assistant", "content": ""}, None)])
+    async for out in handle:
+        choices[out.index].add(out)
+        logprobs = _chat_logprobs(output_entries(out), reply.model) if req.logprobs else None
+        if out.text or out.finished:
+            content = {"content": out.text} if out.text else {}
+            yield chunk([delta(out.index, content, finish_reason(out), logprobs)])
+    reply.count_usage(choices)
+    if req.stream_options and req.stream_options.include_usage:
+        yield chunk([], usage=reply.usage)

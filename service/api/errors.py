@@ -1,5 +1,6 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with string codes, for every
-failure the API can produce, framework validation errors included. Nothing else builds error bodies.
+failure the API can produce, framework validation errors and the layers below included (the engine's
+refusals, nothing being served). Nothing else builds error bodies.
 """
 
 from dataclasses import dataclass
@@ -8,6 +9,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.engine import EngineDead, QueueFull, TooLarge
+from service.serving import NotServing
 
 _TYPES = {
     400: "invalid_request_error",
@@ -51,6 +55,24 @@ class ClientGone(Exception):
     """The client disconnected before its response was ready; its engine requests were aborted."""
 
 
+RETRY = {"Retry-After": "1"}
+
+
+def engine_error(exc: BaseException) -> APIError:
+    """What a failure below the API means to the client."""
+    if isinstance(exc, QueueFull):
+        return APIError(
+            429, f"the server is at capacity ({exc}); retry shortly", code="rate_limit_exceeded", headers=RETRY
+        )
+    if isinstance(exc, TooLarge):
+        return APIError(400, f"the request can never fit in this server's KV cache: {exc}", code="request_too_large")
+    if isinstance(exc, EngineDead):
+        return APIError(503, "the engine stopped; retry on another replica", code="service_unavailable")
+    if isinstance(exc, NotServing):
+        return APIError(503, exc.message, code="service_unavailable", headers=RETRY)
+    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {
         "error": {
@@ -84,6 +106,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(NotServing)
+    async def _not_serving(request: Request, exc: NotServing) -> JSONResponse:
+        return engine_error(exc).response()
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone) -> Response:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from service.config import ServiceConfig
-from service.engine.detokenizer import TokenBytes
-from service.engine.types import SamplingParams, TokenLogprob
+from service.engine import SamplingParams, TokenLogprob, TokenStrings
+from service.serving import ServedModel
 
 from .errors import APIError, invalid
 from .schemas import _Sampling
@@ -24,9 +24,10 @@ class PromptInput:
     text: str  # the prompt as text: as given, or decoded from the given ids (for echo)
 
 
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    """GPT-2 style: no BOS is added; special tokens written in the text (`<|endoftext|>`) map to their id."""
-    return tokenizer.encode(text, add_special_tokens=False).ids
+def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """GPT-2 style: no BOS is added; special tokens written in the text (`<|endoftext|>`) map to their id.
+    `add_special_tokens` applies the tokenizer's post-processor (which adds nothing for GPT-2's own)."""
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
 
 def prompt_inputs(prompt, tokenizer: Tokenizer, vocab_size: int, param: str = "prompt") -> list[PromptInput]:
@@ -57,12 +58,12 @@ def prompt_inputs(prompt, tokenizer: Tokenizer, vocab_size: int, param: str = "p
     return inputs
 
 
-def check_model(model: str | None, backend) -> None:
+def check_model(name: str | None, model: ServedModel) -> None:
     """A request may name the served model as `name`, `name@version` or not at all."""
-    if model and model not in (backend.name, backend.model_id):
+    if name and name not in (model.name, model.model_id):
         raise APIError(
             404,
-            f"model {model!r} is not served here; this server serves {backend.model_id!r}",
+            f"model {name!r} is not served here; this server serves {model.model_id!r}",
             "model",
             "model_not_found",
         )
@@ -134,24 +135,6 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         n=req.n,
     )
-
-
-class TokenStrings:
-    """How a token is shown in logprobs: its text, or `bytes:\\xNN...` when it is not valid UTF-8 alone
-    (a piece of a multi-byte character), as vLLM does. Built once per model."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._bytes = TokenBytes(tokenizer, skip_special=False)
-
-    def raw(self, token_id: int) -> bytes:
-        return self._bytes(token_id)
-
-    def __call__(self, token_id: int) -> str:
-        raw = self._bytes(token_id)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 @dataclass

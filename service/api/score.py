@@ -13,17 +13,19 @@ Three forms:
 
 import math
 import time
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from model_store.windows import rolling_windows
-from service.engine.types import SamplingParams, TokenLogprob
+from service.engine import EngineRequest, SamplingParams, TokenLogprob, TokenStrings
+from service.serving import ModelServer, ServedModel
 
 from .errors import APIError, invalid
 from .protocol import MAX_PROMPTS, check_context, check_model, encode
 from .schemas import ScoreRequest
-from .streams import Job, complete, merged
+from .streams import abort_on_disconnect, submit
 
 router = APIRouter()
 ROLLING_WINDOWS_IN_FLIGHT = 8  # windows of one rolling request queued at once, so the queue limit holds
@@ -32,19 +34,45 @@ ROLLING_WINDOWS_IN_FLIGHT = 8  # windows of one rolling request queued at once, 
 @router.post("/v1/score")
 async def score(req: ScoreRequest, request: Request) -> Response:
     server = request.app.state.server
-    async with server.session() as backend:
-        check_model(req.model, backend)
+    with server.lease() as lease:
+        model = lease.model
+        check_model(req.model, model)
         texts = _texts(req)
         _check_queue(req, texts, server.config.max_waiting_requests)
-        bos = _bos(req, backend)
+        scorer = _Scorer(request, server, model, _bos(req, model), _params(req))
         if req.context is not None:
-            body = await complete(request, _continuations(req, backend, server, bos))
+            body = await _continuations(req, scorer)
         elif req.rolling:
-            body = await complete(request, _rolling(req, texts, backend, server, bos))
+            body = await _rolling(req, texts, scorer)
         else:
-            body = await complete(request, _texts_scores(req, texts, backend, server, bos))
+            body = await _texts_scores(req, texts, scorer)
     request.state.usage = body["usage"]
-    return JSONResponse({"object": "score", "created": int(time.time()), "model": backend.model_id, **body})
+    return JSONResponse({"object": "score", "created": int(time.time()), "model": model.model_id, **body})
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """Runs the scoring requests of one HTTP request: prompt logprobs of token sequences, through the engine."""
+
+    request: Request
+    server: ModelServer
+    model: ServedModel
+    bos: list[int]  # what every scored text starts with: [EOS] with add_bos, else nothing
+    params: SamplingParams
+
+    def job(self, token_ids: list[int], score_from: int, shares_prefix_with: str | None = None) -> EngineRequest:
+        return EngineRequest(self.server.request_id("score"), token_ids, self.params, score_from, shares_prefix_with)
+
+    async def run(self, jobs: list[EngineRequest]) -> list[list[TokenLogprob]]:
+        """Each job's scored prompt tokens; the jobs are queued together (all admitted, or a 429)."""
+        position = {job.request_id: i for i, job in enumerate(jobs)}
+        results: list[list[TokenLogprob]] = [[] for _ in jobs]
+        handle = await submit(self.model, jobs)
+        async with abort_on_disconnect(self.request, handle):
+            async for out in handle:
+                if out.prompt_logprobs is not None:
+                    results[position[out.request_id]] = out.prompt_logprobs
+        return results
 
 
 def _texts(req: ScoreRequest) -> list[str]:
@@ -80,20 +108,21 @@ def _check_queue(req: ScoreRequest, texts: list[str], limit: int) -> None:
         raise invalid(f"{count} {param} in one request; this server queues at most {limit} at once", param)
 
 
-def _bos(req: ScoreRequest, backend) -> list[int]:
+def _bos(req: ScoreRequest, model: ServedModel) -> list[int]:
     if not req.add_bos:
         return []
-    if backend.eos_token_id is None:
+    if model.eos_token_id is None:
         raise invalid("this model has no EOS token to score the first token after; use add_bos false", "add_bos")
-    return [backend.eos_token_id]
+    return [model.eos_token_id]
 
 
 def _params(req: ScoreRequest) -> SamplingParams:
     return SamplingParams(max_tokens=0, prompt_logprobs=req.top_logprobs)
 
 
-def _token_ids(text: str, bos: list[int], backend, param: str, limit: int | None) -> list[int]:
-    ids = bos + encode(backend.loaded.tokenizer, text)
+def _token_ids(text: str, scorer: _Scorer, param: str, limit: int | None) -> list[int]:
+    bos = scorer.bos
+    ids = bos + encode(scorer.model.tokenizer, text)
     if len(ids) < 2:
         raise invalid(
             "nothing to score: the text must have at least one token after the first"
@@ -116,7 +145,7 @@ def _perplexity(total: float, count: int) -> float:
     return math.exp(min(-total / count, 709.0)) if count else 1.0  # capped below float overflow
 
 
-def _entries(entries: list[TokenLogprob], strings, top: int) -> dict:
+def _entries(entries: list[TokenLogprob], strings: TokenStrings, top: int) -> dict:
     logprobs = [e.logprob for e in entries]
     total = sum(logprobs)
     body = {
@@ -137,57 +166,35 @@ def _entries(entries: list[TokenLogprob], strings, top: int) -> dict:
     return body
 
 
-async def _run(backend, server, jobs: list[Job]) -> list[list[TokenLogprob]]:
-    results: list[list[TokenLogprob]] = [[] for _ in jobs]
-    async for i, out in merged(backend, server.metrics, jobs):
-        if out.prompt_logprobs is not None:
-            results[i] = out.prompt_logprobs
-    return results
-
-
-async def _texts_scores(req: ScoreRequest, texts: list[str], backend, server, bos: list[int]) -> dict:
-    many = not isinstance(req.text, str)
-    ids = [
-        _token_ids(t, bos, backend, f"text[{i}]" if many else "text", backend.max_model_len)
-        for i, t in enumerate(texts)
-    ]
-    jobs = [Job(server.request_id("score"), t, _params(req), score_from=1) for t in ids]
-    results = await _run(backend, server, jobs)
+async def _texts_scores(req: ScoreRequest, texts: list[str], scorer: _Scorer) -> dict:
+    many, model = not isinstance(req.text, str), scorer.model
+    ids = [_token_ids(t, scorer, f"text[{i}]" if many else "text", model.max_model_len) for i, t in enumerate(texts)]
+    results = await scorer.run([scorer.job(t, score_from=1) for t in ids])
     return {
-        "results": [
-            {"index": i, **_entries(r, backend.token_strings, req.top_logprobs)} for i, r in enumerate(results)
-        ],
+        "results": [{"index": i, **_entries(r, model.token_strings, req.top_logprobs)} for i, r in enumerate(results)],
         "usage": {"prompt_tokens": sum(len(t) for t in ids), "scored_tokens": sum(len(r) for r in results)},
     }
 
 
-async def _continuations(req: ScoreRequest, backend, server, bos: list[int]) -> dict:
-    tokenizer = backend.loaded.tokenizer
-    context = bos + encode(tokenizer, req.context)
+async def _continuations(req: ScoreRequest, scorer: _Scorer) -> dict:
+    model = scorer.model
+    context = scorer.bos + encode(model.tokenizer, req.context)
     if not context:
         raise invalid("the context is empty: give some text, or keep add_bos", "context")
-    jobs: list[Job] = []
+    jobs: list[EngineRequest] = []
     for i, continuation in enumerate(req.continuations):
-        cont = encode(tokenizer, continuation)
+        cont = encode(model.tokenizer, continuation)
         if not cont:
             raise invalid("a continuation is empty", f"continuations[{i}]")
-        check_context(len(context), len(cont), backend.max_model_len, f"continuations[{i}]")
+        check_context(len(context), len(cont), model.max_model_len, f"continuations[{i}]")
         leader = jobs[0].request_id if jobs else None
-        jobs.append(
-            Job(
-                server.request_id("score"),
-                context + cont,
-                _params(req),
-                score_from=len(context),
-                shares_prefix_with=leader,
-            )
-        )
-    results = await _run(backend, server, jobs)
+        jobs.append(scorer.job(context + cont, score_from=len(context), shares_prefix_with=leader))
+    results = await scorer.run(jobs)
     body = [
-        {"index": i, "continuation": c, **_entries(r, backend.token_strings, req.top_logprobs)}
+        {"index": i, "continuation": c, **_entries(r, model.token_strings, req.top_logprobs)}
         for i, (c, r) in enumerate(zip(req.continuations, results))
     ]
-    prompt_tokens = len(context) + sum(len(j.token_ids) - len(context) for j in jobs)
+    prompt_tokens = len(context) + sum(len(j.prompt_token_ids) - len(context) for j in jobs)
     return {
         "context_tokens": len(context),
         "results": body,
@@ -195,14 +202,12 @@ async def _continuations(req: ScoreRequest, backend, server, bos: list[int]) -> 
     }
 
 
-async def _rolling(req: ScoreRequest, texts: list[str], backend, server, bos: list[int]) -> dict:
-    max_len = backend.max_model_len
+async def _rolling(req: ScoreRequest, texts: list[str], scorer: _Scorer) -> dict:
+    max_len = scorer.model.max_model_len
     stride = req.stride or max(max_len // 2, 1)
     if stride > max_len:
         raise invalid(f"stride {stride} exceeds the context length {max_len}", "stride")
-    all_ids = [
-        _token_ids(t, bos, backend, f"text[{i}]" if len(texts) > 1 else "text", None) for i, t in enumerate(texts)
-    ]
+    all_ids = [_token_ids(t, scorer, f"text[{i}]" if len(texts) > 1 else "text", None) for i, t in enumerate(texts)]
     # Windows start every `stride` tokens: a small stride multiplies the work by up to max_len. Cap it at
     # what the largest plain request may compute, MAX_PROMPTS full contexts.
     limit = MAX_PROMPTS * max_len
@@ -220,13 +225,10 @@ async def _rolling(req: ScoreRequest, texts: list[str], backend, server, bos: li
         scored: list[TokenLogprob] = []
         for start in range(0, len(windows), ROLLING_WINDOWS_IN_FLIGHT):
             batch = windows[start : start + ROLLING_WINDOWS_IN_FLIGHT]
-            jobs = [
-                Job(server.request_id("score"), ids[w.start : w.end], _params(req), score_from=max(w.score_from, 1))
-                for w in batch
-            ]
-            for result in await _run(backend, server, jobs):
+            jobs = [scorer.job(ids[w.start : w.end], score_from=max(w.score_from, 1)) for w in batch]
+            for result in await scorer.run(jobs):
                 scored += result
-            prompt_tokens += sum(len(j.token_ids) for j in jobs)
+            prompt_tokens += sum(len(j.prompt_token_ids) for j in jobs)
         total = sum(e.logprob for e in scored)
         num_bytes = len(text.encode("utf-8"))
         out.append(

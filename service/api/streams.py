@@ -1,161 +1,92 @@
-"""Running engine requests for one HTTP request: several prompts (and their `n` samples) merged into one
-stream, abort on client disconnect, and Server-Sent Events framing.
+"""The engine work of one HTTP request: admission, reading its outputs until done or until the client leaves,
+and Server-Sent Events framing.
+
+A route submits its engine requests with `submit` (a refusal raises here, before any response byte, as
+the client's APIError), then either reads the handle under `abort_on_disconnect` (a non-streaming response)
+or returns an `EventStream` over its chunks (a streaming one). Either way the engine requests are aborted
+when the client goes, and the lease on the served model is held until the response is complete.
 """
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from service.engine.async_engine import AsyncEngine, EngineDead
-from service.engine.engine import EngineOutput
-from service.engine.scheduler import QueueFull, TooLarge
-from service.engine.types import SamplingParams
-from service.metrics import Metrics
+from service.engine import EngineRequest, RequestHandle
+from service.serving import Lease, ServedModel
 
-from .errors import APIError, ClientGone, error_body
-
-T = TypeVar("T")
+from .errors import APIError, ClientGone, engine_error, error_body
 
 
-def engine_error(exc: BaseException) -> APIError:
-    """What an engine-side failure means to the client."""
-    if isinstance(exc, QueueFull):
-        return APIError(
-            429,
-            f"the server is at capacity ({exc}); retry shortly",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": "1"},
-        )
-    if isinstance(exc, TooLarge):
-        return APIError(400, f"the request can never fit in this server's KV cache: {exc}", code="request_too_large")
-    if isinstance(exc, EngineDead):
-        return APIError(503, "the engine stopped; retry on another replica", code="service_unavailable")
-    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One engine request: `AsyncEngine.generate`'s arguments."""
-
-    request_id: str
-    token_ids: list[int]
-    params: SamplingParams
-    score_from: int | None = None
-    shares_prefix_with: str | None = None
-
-
-async def merged(
-    backend, metrics: Metrics, jobs: list[Job], on_admitted: Callable[[], None] | None = None
-) -> AsyncIterator[tuple[int, EngineOutput]]:
-    """Outputs of several engine requests as they come: (position in `jobs`, output). Leaving early, or
-    any request failing, aborts all of them; the first failure is raised. Finished sequences are counted
-    in the metrics here, once for every endpoint. `on_admitted` is called once the engine has queued
-    every one of them."""
-    queue: asyncio.Queue = asyncio.Queue()
-    engine: AsyncEngine = backend.engine
-    left = len(jobs)
-
-    def admitted() -> None:
-        nonlocal left
-        left -= 1
-        if left == 0 and on_admitted is not None:
-            on_admitted()
-
-    async def pump(i: int, job: Job) -> None:
-        try:
-            async for out in engine.generate(
-                job.request_id, job.token_ids, job.params, job.score_from, job.shares_prefix_with, on_admit=admitted
-            ):
-                if out.stats is not None:
-                    metrics.sequence_finished(
-                        backend.labels, out.stats, out.finish_reason, len(out.prompt_logprobs or ())
-                    )
-                queue.put_nowait((i, out))
-        except asyncio.CancelledError:  # the client left, or a sibling failed: generate() aborted it
-            metrics.aborts.labels(*backend.labels).inc()
-            raise
-        except BaseException as exc:
-            queue.put_nowait((i, exc))
-            raise
-        finally:
-            queue.put_nowait((i, None))
-
-    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
-    remaining = len(tasks)
+async def submit(model: ServedModel, requests: list[EngineRequest]) -> RequestHandle:
+    """Queue `requests` on the model's engine, together; once this returns, every one of them is queued.
+    A refusal (queue full, too large, engine gone) is raised as the client's APIError."""
     try:
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # their `finally` aborts the engine requests
+        return await model.engine.submit(*requests)
+    except Exception as exc:
+        raise engine_error(exc) from exc
 
 
-async def read_until_admitted(
-    chunks: AsyncIterator[bytes], admitted: asyncio.Event
-) -> tuple[list[bytes], asyncio.Future | None]:
-    """Read a stream's first chunks until its engine requests are admitted, so that a refusal at admission
-    (queue full: 429 with Retry-After; too large: 400) raises here, before the response has started, and
-    reaches the client as its HTTP status rather than as an error event in a 200 stream. Returns the chunks
-    read and the next chunk's pending read (None when the stream ended or nothing is pending)."""
-    read: list[bytes] = []
-    while not admitted.is_set():
-        nxt = asyncio.ensure_future(anext(chunks))
-        waiter = asyncio.ensure_future(admitted.wait())
-        try:
-            await asyncio.wait({nxt, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if not nxt.done():
-            return read, nxt
-        try:
-            read.append(nxt.result())  # raises the admission failure
-        except StopAsyncIteration:
-            return read, None
-    return read, None
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and so aborting its engine requests) if the client disconnects."""
-    task = asyncio.ensure_future(work)
+@contextlib.asynccontextmanager
+async def abort_on_disconnect(request: Request, handle: RequestHandle) -> AsyncIterator[None]:
+    """For a non-streaming response, around reading `handle`: if the client disconnects, the requests are
+    aborted (the handle's iteration ends) and ClientGone is raised (the error handlers answer nobody); an
+    engine failure becomes the client's APIError. Leaving early aborts too."""
+    gone = asyncio.Event()
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        gone.set()
+        handle.abort()
 
     watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        yield
+    except Exception as exc:
+        if gone.is_set():
+            raise ClientGone() from None
+        if isinstance(exc, APIError):
+            raise
+        raise engine_error(exc) from exc
     finally:
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise ClientGone()
+        handle.abort()
+    if gone.is_set():
+        raise ClientGone()
 
 
-async def complete(request: Request, work: Awaitable[T]) -> T:
-    """`work`'s result for a non-streaming response: ClientGone if the client left first (its engine
-    requests aborted; the error handlers answer nobody), engine failures as the client's APIError."""
+class EventStream(StreamingResponse):
+    """An SSE response over `chunks`: a failure mid-stream becomes an error event, and it always ends with
+    `data: [DONE]`. However the response ends (finished, client gone, never started), the requests still
+    running are aborted and the lease is released."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], lease: Lease, handle: RequestHandle) -> None:
+        super().__init__(_framed(chunks), media_type="text/event-stream")
+        self._chunks, self._lease, self._handle = chunks, lease, handle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._handle.abort()
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()
+                await self._chunks.aclose()
+            self._lease.release()
+
+
+async def _framed(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     try:
-        return await until_disconnect(request, work)
-    except (APIError, ClientGone):
-        raise
+        async for chunk in chunks:
+            yield chunk
     except Exception as exc:
-        raise engine_error(exc) from exc
+        yield sse_error(exc)
+    yield sse("[DONE]")
 
 
 def sse(data: dict | str) -> bytes:

@@ -1,62 +1,148 @@
-"""The engine thread and its asyncio facade: what the HTTP layer talks to.
+"""The engine thread and its asyncio facade: what the serving layer talks to.
 
-One thread owns the `Engine` and everything in it. The asyncio side never touches engine state: it sends
-commands (add, abort, stop) through a thread-safe queue, and each request gets its outputs back through its
-own asyncio queue, fed with `call_soon_threadsafe`. Commands are applied between steps, so an abort frees
-the request's KV before the next step runs.
+One thread owns the `Engine` and everything in it; the event loop never touches engine state. The loop
+sends commands (add, abort, stop) through a thread-safe queue. The engine thread applies them between steps
+(so an abort frees the request's KV before the next step runs), runs a step, and hands what happened back to
+the loop in one `call_soon_threadsafe` each: the admissions of the commands it applied, then the step's
+outputs, which the loop files into each submission's `RequestHandle`.
+
+A call has two phases. `handle = await engine.submit(*requests)` returns once the engine thread has queued
+the requests, or raises QueueFull / TooLarge (nothing of the submission stays queued) or EngineDead, so a
+caller can answer a refusal before it starts a response. Then `async for output in handle` until every
+sample has finished. A waiting queue that is already full is refused on the loop at once, from the counts the
+engine thread last published, rather than after the engine's current step (which can take seconds).
 """
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .engine import Engine, EngineOutput
-from .types import SamplingParams, StepStats
+from .engine import Engine
+from .scheduler import check_room
+from .types import EngineDead, EngineOutput, EngineRequest, StepStats
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDead(RuntimeError):
-    """The engine thread failed or was stopped; in-flight and new requests get this."""
+@dataclass(frozen=True)
+class EngineHooks:
+    """Observers (metrics). `on_step` and `on_death` run on the engine thread and must not block;
+    `on_finish` (a sequence's final output, with its stats) and `on_abort` (how many requests a caller
+    abandoned unfinished) run on the event loop."""
+
+    on_step: Callable[[StepStats], None] | None = None
+    on_death: Callable[[BaseException], None] | None = None
+    on_finish: Callable[[EngineOutput], None] | None = None
+    on_abort: Callable[[int], None] | None = None
+
+
+class RequestHandle:
+    """The outputs of one submission (one or more engine requests, each with its `n` samples), in the order
+    the engine produced them: `async for output in handle`, told apart by `request_id` and `index`. A
+    caller that stops reading before the end calls `abort()` (a no-op once every sample has finished)."""
+
+    def __init__(self, engine: "AsyncEngine", requests: Sequence[EngineRequest]) -> None:
+        self.request_ids = tuple(r.request_id for r in requests)
+        self._engine = engine
+        self._unfinished = {r.request_id: r.params.num_samples for r in requests}  # samples still running
+        self._items: deque[EngineOutput | BaseException] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._admitted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more will arrive: every sample finished, or the handle was aborted or failed."""
+        return not self._unfinished
+
+    def abort(self) -> None:
+        """Stop the requests still running (their KV is free before the next step); the iteration ends."""
+        if self._unfinished:
+            self._engine._abort(self, tuple(self._unfinished))
+            self._unfinished.clear()
+        self._items.clear()
+        self._wake()
+
+    def __aiter__(self) -> "RequestHandle":
+        return self
+
+    async def __anext__(self) -> EngineOutput:
+        while not self._items:
+            if not self._unfinished:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    # -- event loop, called by AsyncEngine --------------------------------------------------------------
+    def _push(self, output: EngineOutput) -> bool:
+        """File one output; True when it was the last sample of its request."""
+        self._items.append(output)
+        if not output.finished:
+            return False
+        self._unfinished[output.request_id] -= 1
+        if self._unfinished[output.request_id]:
+            return False
+        del self._unfinished[output.request_id]
+        return True
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._admitted.done():
+            self._admitted.set_exception(exc)
+        elif self._unfinished:
+            self._items.append(exc)
+        self._unfinished.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 @dataclass(frozen=True)
 class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    out: asyncio.Queue
-    score_from: int | None = None
-    shares_prefix_with: str | None = None
+    requests: tuple[EngineRequest, ...]
+    handle: RequestHandle
 
 
 @dataclass(frozen=True)
 class _Abort:
-    request_id: str
+    request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Occupancy:
+    """What the engine thread last published for the loop's early refusal, read and written whole."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_applied: int = 0  # sequences whose add the engine thread has applied
 
 
 _STOP = object()
-_ADMITTED = object()  # sent to a request's queue once the engine has queued it
 
 
 class AsyncEngine:
-    def __init__(
-        self,
-        engine: Engine,
-        on_step: Callable[[StepStats], None] | None = None,
-        on_death: Callable[[BaseException], None] | None = None,
-    ) -> None:
-        """`on_step` is called on the engine thread after every step (metrics); it must not block.
-        `on_death` is called on the engine thread, once, if a step fails and the thread stops."""
-        self.engine, self._on_step, self._on_death = engine, on_step, on_death
+    def __init__(self, engine: Engine, hooks: EngineHooks = EngineHooks()) -> None:
+        self.engine, self._hooks = engine, hooks
+        self._scheduler_config = engine.config.scheduler
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._submitted = 0  # sequences sent to the engine thread (event loop side)
-        self._applied = 0  # sequences whose add the engine thread has processed (engine thread side)
-        self._outs: dict[str, asyncio.Queue] = {}  # engine thread only
-        self._unfinished: dict[str, int] = {}  # engine thread only: samples still running per request
+        self._handles: dict[str, RequestHandle] = {}  # event loop only: requests submitted and not done
+        self._submitted = 0  # event loop only: sequences sent to the engine thread
+        self._occupancy = _Occupancy()  # written by the engine thread, read by the loop
+        self._applied = 0  # engine thread only
+        self._closing = threading.Lock()  # no command is queued once the engine thread has stopped for good
+        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -76,123 +162,139 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        score_from: int | None = None,
-        shares_prefix_with: str | None = None,
-        on_admit: Callable[[], None] | None = None,
-    ) -> AsyncIterator[EngineOutput]:
-        """Stream a request's outputs (all `n` samples interleaved, told apart by `index`) until every
-        sample has finished. Leaving the iteration early (client gone) aborts the request. `score_from` and
-        `shares_prefix_with` are `Engine.add`'s. `on_admit` is called once the engine has queued the
-        request (before any output), so a caller can tell admission from the first token.
-
-        Raises QueueFull / TooLarge from the scheduler at admission, or EngineDead. A waiting queue that
-        is already full is refused here at once, not after the engine's current step (which can take
-        seconds): overload is answered in milliseconds.
-        """
-        if not self.alive:
-            raise EngineDead("the engine is not running") from self.error
-        self._refuse_if_full(params.num_samples)
-        out: asyncio.Queue = asyncio.Queue()
-        self._submitted += params.num_samples
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, out, score_from, shares_prefix_with))
-        remaining = params.num_samples
+    async def submit(self, *requests: EngineRequest) -> RequestHandle:
+        """Queue `requests` together and return their handle once the engine thread has queued them all.
+        Raises QueueFull / TooLarge (then none of them stays queued) or EngineDead. Cancelled while
+        waiting, the requests are aborted."""
+        num_seqs = sum(r.params.num_samples for r in requests)
+        occupancy = self._occupancy
+        in_transit = max(self._submitted - occupancy.num_applied, 0)
+        handle = RequestHandle(self, requests)
+        with self._closing:
+            if self._closed or not self.alive:
+                raise EngineDead("the engine is not running") from self.error
+            check_room(self._scheduler_config, occupancy.num_waiting + in_transit, occupancy.num_running, num_seqs)
+            self._handles.update(dict.fromkeys(handle.request_ids, handle))
+            self._submitted += num_seqs
+            self._commands.put(_Add(tuple(requests), handle))
         try:
-            while remaining:
-                item = await out.get()
-                if item is _ADMITTED:
-                    if on_admit is not None:
-                        on_admit()
-                    continue
-                if isinstance(item, BaseException):
-                    remaining = 0
-                    raise item
-                remaining -= item.finished
-                yield item
-        finally:
-            if remaining:
-                self.abort(request_id)
+            await handle._admitted
+        except asyncio.CancelledError:
+            handle.abort()
+            raise
+        return handle
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+    # -- event loop ---------------------------------------------------------------------------------------
+    def _abort(self, handle: RequestHandle, request_ids: tuple[str, ...]) -> None:
+        for request_id in request_ids:
+            self._handles.pop(request_id, None)
+        self._commands.put(_Abort(request_ids))
+        if self._hooks.on_abort is not None:
+            self._hooks.on_abort(len(request_ids))
 
-    def _refuse_if_full(self, num_seqs: int) -> None:
-        """The scheduler's waiting-queue limit, checked from the event loop: the queue as the engine thread
-        last left it plus the sequences sent since. Reading the queues' lengths from this thread is safe;
-        the figure can be one step stale, so the engine thread still checks exactly at admission (and the
-        prompt-token limit, which only it can count)."""
-        scheduler = self.engine.scheduler
-        scheduler.check_room(len(scheduler.waiting) + max(self._submitted - self._applied, 0), num_seqs)
+    def _admit(self, admissions: list[tuple[RequestHandle, BaseException | None]]) -> None:
+        for handle, error in admissions:
+            if handle._admitted.done():  # the caller gave up waiting
+                continue
+            if error is None:
+                handle._admitted.set_result(None)
+                continue
+            for request_id in handle.request_ids:
+                self._handles.pop(request_id, None)
+            handle._unfinished.clear()
+            handle._admitted.set_exception(error)
 
-    # -- engine thread ----------------------------------------------------------------------------------
+    def _deliver(self, outputs: list[EngineOutput]) -> None:
+        """One step's outputs, into their handles; each handle's reader is woken once."""
+        woken: dict[int, RequestHandle] = {}
+        for output in outputs:
+            handle = self._handles.get(output.request_id)
+            if handle is None:  # aborted since
+                continue
+            if handle._push(output):
+                del self._handles[output.request_id]
+            if output.stats is not None and self._hooks.on_finish is not None:
+                self._hooks.on_finish(output)
+            woken[id(handle)] = handle
+        for handle in woken.values():
+            handle._wake()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        handles = {id(h): h for h in self._handles.values()}
+        self._handles.clear()
+        for handle in handles.values():
+            handle._fail(exc)
+
+    # -- engine thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while True:
-                if not self._apply(self._commands.get()):  # idle: block until there is something to do
-                    return
-                while self.engine.has_work:
-                    while not self._commands.empty():
-                        if not self._apply(self._commands.get_nowait()):
-                            return
-                    for output in self.engine.step():
-                        self._output(output)
+            while self._apply_commands(block=not self.engine.has_work):
+                if self.engine.has_work:
+                    outputs = self.engine.step()
+                    self._publish()
+                    if outputs:
+                        self._to_loop(self._deliver, outputs)
                     self._report(self.engine.last_step)
         except BaseException as exc:  # a failed step must not leave requests hanging
             self.error = exc
-            dead = EngineDead(f"engine step failed: {type(exc).__name__}: {exc}")
-            for request_id in list(self._outs):
-                self._send(request_id, dead, last=True)
             logger.exception("engine thread stopped after a failed step")
-            if self._on_death is not None:
-                self._on_death(exc)
-        finally:
-            for request_id in list(self._outs):
-                self._send(request_id, EngineDead("the engine stopped"), last=True)
-
-    def _apply(self, command) -> bool:
-        if command is _STOP:
-            return False
-        if isinstance(command, _Abort):
-            self.engine.abort(command.request_id)
-            self._outs.pop(command.request_id, None)
-            self._unfinished.pop(command.request_id, None)
-            self._report(self.engine.state())  # memory freed now, even if no step follows
+            self._close(EngineDead(f"engine step failed: {type(exc).__name__}: {exc}"))
+            if self._hooks.on_death is not None:
+                self._hooks.on_death(exc)
         else:
-            self._applied += command.params.num_samples  # before the add: the estimate may lag, never double count
-            try:
-                self.engine.add(
-                    command.request_id,
-                    command.prompt_token_ids,
-                    command.params,
-                    command.score_from,
-                    command.shares_prefix_with,
-                )
-            except Exception as exc:  # QueueFull, TooLarge: the request's own error, not the engine's
-                self._loop.call_soon_threadsafe(command.out.put_nowait, exc)
+            self._close(EngineDead("the engine stopped"))
+
+    def _close(self, dead: EngineDead) -> None:
+        """No command is queued from now on; every request submitted and not done gets `dead`."""
+        with self._closing:
+            self._closed = True
+        self._to_loop(self._fail_all, dead)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply every queued command (when idle, wait for one first); False once told to stop."""
+        commands = [self._commands.get()] if block else []
+        while not self._commands.empty():
+            commands.append(self._commands.get_nowait())
+        admissions, aborted, running = [], False, True
+        for command in commands:
+            if command is _STOP:
+                running = False
+                break
+            if isinstance(command, _Abort):
+                for request_id in command.request_ids:
+                    self.engine.abort(request_id)
+                aborted = True
             else:
-                self._outs[command.request_id] = command.out
-                self._unfinished[command.request_id] = command.params.num_samples
-                self._loop.call_soon_threadsafe(command.out.put_nowait, _ADMITTED)
-        return True
+                admissions.append((command.handle, self._add(command.requests)))
+        self._publish()
+        if admissions:
+            self._to_loop(self._admit, admissions)
+        if aborted:
+            self._report(self.engine.make_stats())  # memory freed now, even if no step follows
+        return running
+
+    def _add(self, requests: tuple[EngineRequest, ...]) -> BaseException | None:
+        """Queue a submission whole, or none of it: the error that refused it (QueueFull, TooLarge)."""
+        self._applied += sum(r.params.num_samples for r in requests)  # counted as applied even if refused
+        added = []
+        try:
+            for request in requests:
+                self.engine.add(request)
+                added.append(request.request_id)
+        except Exception as exc:  # the submission's own error, not the engine's
+            for request_id in added:
+                self.engine.abort(request_id)
+            return exc
+        return None
+
+    def _publish(self) -> None:
+        scheduler = self.engine.scheduler
+        self._occupancy = _Occupancy(len(scheduler.waiting), len(scheduler.running), self._applied)
 
     def _report(self, stats: StepStats | None) -> None:
-        if self._on_step is not None and stats is not None:
-            self._on_step(stats)
+        if self._hooks.on_step is not None and stats is not None:
+            self._hooks.on_step(stats)
 
-    def _output(self, output: EngineOutput) -> None:
-        rid = output.request_id
-        if output.finished:
-            self._unfinished[rid] -= 1
-        last = self._unfinished.get(rid) == 0
-        if last:
-            del self._unfinished[rid]
-        self._send(rid, output, last=last)
-
-    def _send(self, request_id: str, item, *, last: bool) -> None:
-        out = self._outs.pop(request_id, None) if last else self._outs.get(request_id)
-        if out is not None:
-            self._loop.call_soon_threadsafe(out.put_nowait, item)
+    def _to_loop(self, callback: Callable, *args) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+            self._loop.call_soon_threadsafe(callback, *args)

@@ -1,12 +1,13 @@
 """Streaming text out of generated token ids: bytes per token, incremental UTF-8, and stop strings.
 
-Owns: the token id -> raw bytes table for GPT-2 byte-level BPE tokenizers (`TokenBytes`), the per-request
-incremental detokenizer that never emits half a character (`IncrementalDetokenizer`), and stop-string
-matching over streamed text with hold-back of possible partial matches (`StopChecker`).
+Owns: the token id -> raw bytes table for GPT-2 byte-level BPE tokenizers (`TokenBytes`), how a single
+token is shown in logprobs (`TokenStrings`), the per-request incremental detokenizer that never emits half a
+character (`IncrementalDetokenizer`), and stop-string matching over streamed text with hold-back of possible
+partial matches (`StopChecker`).
 
-Does not own: tokenizer loading (the model runtime's job), stop *token ids* and EOS handling (the scheduler
-decides when a sequence ends; this module only turns ids into text), or validating user input such as empty
-stop strings (the API layer's job; here they are ignored).
+Does not own: tokenizer loading (the model runtime's job), stop *token ids* and EOS handling (the engine
+decides when a sequence ends, in `Engine._finish_reason`; this module only turns ids into text), or
+validating user input such as empty stop strings (the API layer's job; here they are ignored).
 
 Parity target: for ids inside the vocabulary, the deltas of `IncrementalDetokenizer` joined with its `flush()`
 equal `tokenizer.decode(ids, skip_special_tokens=True)` exactly, including U+FFFD for invalid bytes.
@@ -72,6 +73,24 @@ class TokenBytes:
         if 0 <= token_id < len(self._table):
             return self._table[token_id]
         return b""
+
+
+class TokenStrings:
+    """How a token is shown in logprobs: its text, or `bytes:\\xNN...` when it is not valid UTF-8 alone
+    (a piece of a multi-byte character), as vLLM does. Built once per model."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+        self._bytes = TokenBytes(tokenizer, skip_special=False)
+
+    def raw(self, token_id: int) -> bytes:
+        return self._bytes(token_id)
+
+    def __call__(self, token_id: int) -> str:
+        raw = self._bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 class IncrementalDetokenizer:

@@ -1,13 +1,14 @@
 """The synchronous engine: step() = schedule -> run the model -> sample -> update requests.
 
-Owns the requests in flight (their sequence, generator, detokenizer and stop checker) and turns each
-step into plain `EngineOutput` deltas. It does no I/O and knows nothing of HTTP; the engine thread and the
-asyncio facade drive it.
+Owns the requests in flight (per sequence: its generator, detokenizer and stop checker, indexed by request
+id), decides when a sequence ends (EOS, stop token ids, max_tokens, the context), and turns each step into
+plain `EngineOutput` deltas. It does no I/O and knows nothing of HTTP; the engine thread and the asyncio
+facade (`async_engine.py`) drive it.
 """
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,9 +19,9 @@ from .detokenizer import IncrementalDetokenizer, StopChecker, TokenBytes
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingRow, logprobs_topn, make_generator
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence
-from .types import FinishReason, RequestStats, SamplingParams, StepStats, TokenLogprob
+from .types import EngineOutput, EngineRequest, FinishReason, RequestStats, StepStats, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -32,29 +33,10 @@ class EngineConfig:
     num_threads: int | None = None  # CPU threads for torch; default: the cores this process may use
 
 
-@dataclass
-class EngineOutput:
-    """What one request gained this step. `text` never ends in half a character or part of a stop string."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    index: int = 0  # which of the request's `n` samples
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    # On the request's first output only, when prompt logprobs were asked for: one entry per prompt token
-    # from `score_from` on (the first prompt token has none: nothing precedes it).
-    prompt_logprobs: list[TokenLogprob] | None = None
-    stats: RequestStats | None = None  # on the final output only
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
 @dataclass(eq=False)
-class _Request:
+class _OutputState:
+    """What the engine keeps per sequence to turn its sampled tokens into outputs."""
+
     seq: Sequence
     generator: torch.Generator | None
     detok: IncrementalDetokenizer
@@ -79,32 +61,22 @@ class Engine:
         self.sampler = Sampler(config.seed)
         self.token_bytes = TokenBytes(loaded.tokenizer)
         self.eos_token_id = loaded.manifest.tokenizer.eos_token_id
-        self.requests: dict[tuple[str, int], _Request] = {}  # by (request id, sample index)
+        self.requests: dict[str, dict[int, _OutputState]] = {}  # request id -> sample index -> its state
         self.last_step: StepStats | None = None
 
-    def add(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        score_from: int | None = None,
-        shares_prefix_with: str | None = None,
-    ) -> None:
-        """Queue a request. `max_tokens == 0` scores the prompt without generating. With
-        `params.prompt_logprobs` set, logprobs of prompt tokens from `score_from` (default 1) are returned
-        (with sample 0's outputs); tokens before `score_from` may be served from the prefix cache (context +
-        continuation scoring). `params.n` samples share the prompt's KV; sample i is seeded with seed + i,
-        so it equals an n = 1 request seeded with seed + i. With `shares_prefix_with` naming a request
-        still in flight, this one waits until that request has computed the prompt prefix they share, so
-        the prefix is computed once (several continuations of one context)."""
-        assert all(key[0] != request_id for key in self.requests), f"duplicate request id {request_id}"
+    def add(self, request: EngineRequest) -> None:
+        """Queue a request (`EngineRequest` says what each field asks for). `params.n` samples share the
+        prompt's KV; sample i is seeded with seed + i, so it equals an n = 1 request seeded with seed + i.
+        Raises QueueFull / TooLarge before anything is recorded."""
+        request_id, params, score_from = request.request_id, request.params, request.score_from
+        assert request_id not in self.requests, f"duplicate request id {request_id}"
         if params.prompt_logprobs is not None and score_from is None:
             score_from = 1
-        arrival, tokens = time.monotonic(), list(prompt_token_ids)
+        arrival, tokens = time.monotonic(), list(request.prompt_token_ids)
         first = Sequence(
             request_id, tokens, params, score_only=params.max_tokens == 0, score_from=score_from, arrival=arrival
         )
-        leader = self.requests.get((shares_prefix_with, 0)) if shares_prefix_with is not None else None
+        leader = self.requests.get(request.shares_prefix_with, {}).get(0)
         if leader is not None:
             first.waits_for, first.wait_tokens = leader.seq, _common_prefix(leader.seq.token_ids, tokens)
         samples = [first] + [
@@ -113,24 +85,25 @@ class Engine:
             )
             for i in range(1, params.num_samples)
         ]
-        self.scheduler.add(*samples)  # raises QueueFull / TooLarge before anything is recorded
-        for seq in samples:
-            seed = None if params.seed is None else params.seed + seq.index
-            generator = make_generator(seed, self.loaded.device) if seed is not None else None
-            stats = RequestStats(seq.arrival, seq.num_prompt_tokens)
-            self.requests[seq.key] = _Request(
-                seq,
-                generator,
-                IncrementalDetokenizer(self.token_bytes),
-                StopChecker(params.stop),
-                stats,
-                [] if seq.score_from is not None else None,
-            )
+        self.scheduler.add(*samples)
+        self.requests[request_id] = {seq.index: self._output_state(seq) for seq in samples}
+
+    def _output_state(self, seq: Sequence) -> _OutputState:
+        seed = None if seq.params.seed is None else seq.params.seed + seq.index
+        generator = make_generator(seed, self.loaded.device) if seed is not None else None
+        return _OutputState(
+            seq,
+            generator,
+            IncrementalDetokenizer(self.token_bytes),
+            StopChecker(seq.params.stop),
+            RequestStats(seq.arrival, seq.num_prompt_tokens),
+            [] if seq.score_from is not None else None,
+        )
 
     def abort(self, request_id: str) -> None:
         """Abort every sample of a request; its KV is free for the next step."""
-        for key in [key for key in self.requests if key[0] == request_id]:
-            self.scheduler.finish(self.requests.pop(key).seq, FinishReason.ABORT)
+        for state in self.requests.pop(request_id, {}).values():
+            self.scheduler.finish(state.seq, FinishReason.ABORT)
 
     @property
     def has_work(self) -> bool:
@@ -140,42 +113,53 @@ class Engine:
         start = time.monotonic()
         batch = self.scheduler.schedule()
         if not batch:
-            self.last_step = self.state()
+            self.last_step = self.make_stats()
             return []
         for seq in batch.seqs:
-            stats = self.requests[seq.key].stats
+            stats = self._state(seq).stats
             stats.first_scheduled = stats.first_scheduled or start
-        outputs = self._run(batch)
-        self.last_step = self.state(len(batch.seqs), batch.num_tokens, len(batch.preempted), time.monotonic() - start)
+        outputs = self._run_batch(batch)
+        self.last_step = self.make_stats(batch, time.monotonic() - start)
         return outputs
 
-    def state(
-        self, num_seqs: int = 0, num_tokens: int = 0, num_preempted: int = 0, duration_s: float = 0.0
-    ) -> StepStats:
-        """Running, waiting and KV usage now; with the defaults, a step that computed nothing."""
+    def make_stats(self, batch: ScheduledBatch | None = None, duration_s: float = 0.0) -> StepStats:
+        """Running, waiting and KV usage now, with what `batch` computed (none: a step that computed nothing)."""
+        batch = batch or ScheduledBatch()
         return StepStats(
-            num_seqs,
-            num_tokens,
-            num_preempted,
-            len(self.scheduler.running),
-            len(self.scheduler.waiting),
-            self.kv.usage,
-            duration_s,
+            num_seqs=len(batch.seqs),
+            num_tokens=batch.num_tokens,
+            num_preempted=len(batch.preempted),
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.kv.usage,
+            duration_s=duration_s,
         )
 
-    def _run(self, batch) -> list[EngineOutput]:
+    def _state(self, seq: Sequence) -> _OutputState:
+        return self.requests[seq.request_id][seq.index]
+
+    def _drop(self, seq: Sequence) -> _OutputState:
+        """Forget a finished sequence, and its request once every sample has finished."""
+        samples = self.requests[seq.request_id]
+        state = samples.pop(seq.index)
+        if not samples:
+            del self.requests[seq.request_id]
+        return state
+
+    def _run_batch(self, batch: ScheduledBatch) -> list[EngineOutput]:
+        """Run the model on the batch, record what it computed, sample, and turn the results into outputs."""
         result = self.runner.run(batch)
         for seq, chunk in zip(batch.seqs, result.prompt_logits):
             if chunk is not None:
                 self._record_prompt_logprobs(seq, *chunk)
-        self.scheduler.computed(batch)
+        self.scheduler.record_computed(batch)
         outputs = [self._finish_scoring(s) for s in batch.seqs if s.score_only and s.num_uncomputed == 0]
         sampling = [(s, lg) for s, lg in zip(batch.seqs, result.last_logits) if lg is not None and not s.score_only]
         if sampling:
             rows = [
                 SamplingRow(
                     s.params,
-                    self.requests[s.key].generator,
+                    self._state(s).generator,
                     s.token_ids[: s.num_prompt_tokens],
                     s.output_token_ids,
                     self._banned(s),
@@ -189,53 +173,53 @@ class Engine:
     def _record_prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
         """Logits at positions first.. predict prompt tokens first+1..; skip the ones already recorded
         (a preempted sequence recomputes positions it already scored)."""
-        request = self.requests[seq.key]
-        skip = seq.score_from + len(request.prompt_logprobs) - (first + 1)  # chunks arrive in order: no gaps
+        state = self._state(seq)
+        skip = seq.score_from + len(state.prompt_logprobs) - (first + 1)  # chunks arrive in order: no gaps
         assert skip >= 0
         logits = logits[skip:]
         targets = torch.tensor(seq.token_ids[first + 1 + skip : first + 1 + skip + len(logits)], device=logits.device)
         chosen, top_ids, top_lps = logprobs_topn(logits, targets, seq.params.prompt_logprobs or 0)
         greedy = (logits.argmax(-1) == targets).tolist()
         for tok, lp, ids, lps, g in zip(targets.tolist(), chosen.tolist(), top_ids.tolist(), top_lps.tolist(), greedy):
-            request.prompt_logprobs.append(TokenLogprob(tok, lp, tuple(zip(ids, lps)), g))
+            state.prompt_logprobs.append(TokenLogprob(tok, lp, tuple(zip(ids, lps)), g))
 
     def _finish_scoring(self, seq: Sequence) -> EngineOutput:
-        request = self.requests.pop(seq.key)
+        state = self._drop(seq)
         self.scheduler.finish(seq, FinishReason.LENGTH)
         return EngineOutput(
             seq.request_id,
             [],
             "",
             finish_reason=FinishReason.LENGTH,
-            prompt_logprobs=request.prompt_logprobs,
-            stats=self._final_stats(request),
+            prompt_logprobs=state.prompt_logprobs,
+            stats=self._final_stats(state),
         )
 
     def _update(self, seq: Sequence, i: int, sampled) -> EngineOutput:
-        request = self.requests[seq.key]
+        state = self._state(seq)
         token = sampled.token_ids[i]
         seq.token_ids.append(token)
-        request.stats.token(time.monotonic())
-        text, stopped = request.stop.push(request.detok.add(token))
+        state.stats.token(time.monotonic())
+        text, stopped = state.stop.push(state.detok.add(token))
         reason = FinishReason.STOP if stopped else self._finish_reason(seq, token)
         if reason is not None and not stopped:
-            text += self._flush(request)
+            text += self._flush(state)
         out = EngineOutput(
             seq.request_id, [token], text, seq.index, [sampled.logprobs[i]], [sampled.top_logprobs[i]], reason
         )
-        if not request.sent_prompt_logprobs:
-            out.prompt_logprobs, request.sent_prompt_logprobs = request.prompt_logprobs, True
+        if not state.sent_prompt_logprobs:
+            out.prompt_logprobs, state.sent_prompt_logprobs = state.prompt_logprobs, True
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            del self.requests[seq.key]
-            out.stats = self._final_stats(request)
+            self._drop(seq)
+            out.stats = self._final_stats(state)
         return out
 
     @staticmethod
-    def _final_stats(request: _Request) -> RequestStats:
-        request.stats.num_cached_tokens = request.seq.num_cached_tokens
-        request.stats.num_preemptions = request.seq.num_preemptions
-        return request.stats
+    def _final_stats(state: _OutputState) -> RequestStats:
+        state.stats.num_cached_tokens = state.seq.num_cached_tokens
+        state.stats.num_preemptions = state.seq.num_preemptions
+        return state.stats
 
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
         """Before min_tokens, the tokens that would end the request are masked (vLLM's rule), so they
@@ -255,9 +239,9 @@ class Engine:
         return None
 
     @staticmethod
-    def _flush(request: _Request) -> str:
-        text, stopped = request.stop.push(request.detok.flush())
-        return text if stopped else text + request.stop.flush()
+    def _flush(state: _OutputState) -> str:
+        text, stopped = state.stop.push(state.detok.flush())
+        return text if stopped else text + state.stop.flush()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .kv_cache import BlockManager
 from .sequence import Sequence, Status
-from .types import FinishReason
+from .types import FinishReason, QueueFull, TooLarge
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,16 @@ class ScheduledBatch:
         return bool(self.seqs)
 
 
-class QueueFull(Exception):
-    """The waiting queue is at its limit: the caller should retry later (HTTP 429)."""
-
-
-class TooLarge(Exception):
-    """The request could not fit in KV memory even alone (HTTP 400)."""
+def check_room(config: SchedulerConfig, num_waiting: int, num_running: int, num_seqs: int) -> None:
+    """QueueFull unless `num_seqs` more sequences fit beside `num_waiting` queued ones: max_waiting, plus
+    the running slots still free. `Scheduler.add` checks it exactly; `AsyncEngine` early, on the event loop,
+    from the counts the engine thread last published."""
+    free_slots = max(0, config.max_num_seqs - num_running)
+    if num_waiting + num_seqs > config.max_waiting + free_slots:
+        raise QueueFull(
+            f"{num_waiting} sequences are queued (limit {config.max_waiting} waiting "
+            f"beyond {free_slots} free running slots)"
+        )
 
 
 class Scheduler:
@@ -65,7 +69,7 @@ class Scheduler:
         The queue limit counts sequences that will actually wait: those the free running slots take at the
         next step do not (requests that arrive together between two steps, such as a closed loop of exactly
         max_num_seqs clients, are all admitted)."""
-        self.check_room(len(self.waiting), len(seqs))
+        check_room(self.config, len(self.waiting), len(self.running), len(seqs))
         waiting_tokens = sum(s.num_tokens for s in self.waiting)
         if waiting_tokens and waiting_tokens + sum(s.num_tokens for s in seqs) > self.config.max_waiting_tokens:
             raise QueueFull(f"{waiting_tokens} tokens are waiting (limit {self.config.max_waiting_tokens})")
@@ -76,16 +80,6 @@ class Scheduler:
                     f"{longest} tokens exceed the KV memory ({self.kv.num_blocks * self.kv.block_size} tokens)"
                 )
         self.waiting.extend(seqs)
-
-    def check_room(self, num_waiting: int, num_seqs: int) -> None:
-        """QueueFull unless `num_seqs` more sequences fit beside `num_waiting` queued ones: max_waiting, plus
-        the running slots still free. `add` checks it exactly; `AsyncEngine` early, from the event loop."""
-        free_slots = max(0, self.config.max_num_seqs - len(self.running))
-        if num_waiting + num_seqs > self.config.max_waiting + free_slots:
-            raise QueueFull(
-                f"{num_waiting} sequences are queued (limit {self.config.max_waiting} waiting "
-                f"beyond {free_slots} free running slots)"
-            )
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -146,7 +140,7 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 
-    def computed(self, batch: ScheduledBatch) -> None:
+    def record_computed(self, batch: ScheduledBatch) -> None:
         """Record that the runner computed the scheduled tokens; index newly full blocks for reuse."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n

@@ -52,10 +52,6 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
 
     @property
-    def key(self) -> tuple[str, int]:
-        return self.request_id, self.index
-
-    @property
     def ready(self) -> bool:
         """Whether admission may go ahead: the shared prefix is computed (or its owner is gone)."""
         leader = self.waits_for

@@ -1,7 +1,10 @@
-"""Plain data that crosses the engine's boundaries: what a request asks for, and what comes back.
+"""Plain data that crosses the engine's boundaries: what a request asks for, what comes back, and how it
+can fail.
 
-Owns the request-level vocabulary (sampling parameters, finish reasons). Validation of user input is the
-API layer's job; these types assert nothing beyond what the engine relies on.
+Owns the request-level vocabulary: `EngineRequest` (token ids and `SamplingParams`), `EngineOutput` (what
+a request gained in one step), finish reasons, statistics for metrics, and the engine's errors (`QueueFull`,
+`TooLarge`, `EngineDead`). Validation of user input is the API layer's job; these types assert nothing
+beyond what the engine relies on.
 """
 
 from dataclasses import dataclass, field
@@ -40,6 +43,21 @@ class SamplingParams:
     def num_samples(self) -> int:
         """Sequences this request runs: `n`, or one when it only scores its prompt (max_tokens 0)."""
         return 1 if self.max_tokens == 0 else self.n
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request as the engine takes it. `max_tokens == 0` scores the prompt without generating. With
+    `params.prompt_logprobs` set, logprobs of prompt tokens from `score_from` (default 1) are returned;
+    tokens before `score_from` may be served from the prefix cache (context + continuation scoring). With
+    `shares_prefix_with` naming a request still in flight, this one waits until that request has computed
+    the prompt prefix they share, so the prefix is computed once (several continuations of one context)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    score_from: int | None = None
+    shares_prefix_with: str | None = None
 
 
 class FinishReason(str, Enum):
@@ -91,6 +109,39 @@ class RequestStats:
             self.inter_token_latencies.append(now - self.last_token)
         self.last_token = now
         self.num_generated_tokens += 1
+
+
+@dataclass
+class EngineOutput:
+    """What one request gained this step. `text` never ends in half a character or part of a stop string."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    index: int = 0  # which of the request's `n` samples
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    # On the request's first output only, when prompt logprobs were asked for: one entry per prompt token
+    # from `score_from` on (the first prompt token has none: nothing precedes it).
+    prompt_logprobs: list[TokenLogprob] | None = None
+    stats: RequestStats | None = None  # on the final output only
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit: the caller should retry later (HTTP 429)."""
+
+
+class TooLarge(Exception):
+    """The request could not fit in KV memory even alone (HTTP 400)."""
+
+
+class EngineDead(RuntimeError):
+    """The engine thread failed or was stopped; in-flight and new requests get this."""
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,14 @@ import asyncio
 
 import pytest
 
-from service.engine.async_engine import AsyncEngine, EngineDead
-from service.engine.scheduler import QueueFull
-from service.engine.types import SamplingParams
+from service.engine import AsyncEngine, EngineDead, EngineRequest, QueueFull, SamplingParams, TooLarge
 
 from .test_engine import GREEDY, make_engine, random_prompts, run_all
 
 
 async def collect(engine: AsyncEngine, rid, prompt, params):
     tokens, text, reason = [], "", None
-    async for out in engine.generate(rid, prompt, params):
+    async for out in await engine.submit(EngineRequest(rid, prompt, params)):
         tokens += out.token_ids
         text += out.text
         reason = out.finish_reason
@@ -45,10 +43,12 @@ def test_leaving_a_stream_aborts_and_frees_kv(tiny):
         engine = AsyncEngine(make_engine(loaded))
         engine.start()
         try:
-            stream = engine.generate("long", list(range(1, 30)), SamplingParams(max_tokens=200, ignore_eos=True))
-            async for _ in stream:
+            handle = await engine.submit(
+                EngineRequest("long", list(range(1, 30)), SamplingParams(max_tokens=200, ignore_eos=True))
+            )
+            async for _ in handle:
                 break  # the client went away after one token
-            await stream.aclose()
+            handle.abort()
             # Commands are applied in order, so once this probe finishes the abort has been applied.
             await collect(engine, "probe", [1, 2, 3], SamplingParams(max_tokens=1, ignore_eos=True))
             return engine.engine.kv.usage, dict(engine.engine.requests)
@@ -97,3 +97,63 @@ def test_failing_step_errors_requests_instead_of_hanging(tiny):
             await collect(engine, "b", [1, 2], GREEDY)
 
     asyncio.run(main())
+
+
+def test_each_step_reaches_the_event_loop_in_one_handoff(tiny):
+    """The engine thread hands a step's outputs over once, for every request in it, not once per sequence."""
+    loaded, _ = tiny
+    prompts = random_prompts(8, loaded.model.cfg.vocab_size, 22, 5, 5)
+    expected = run_all(make_engine(loaded), {0: [(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]})
+    sync = make_engine(loaded)
+    steps, step = [], sync.step
+
+    def counted_step():
+        outputs = step()
+        steps.append(len(outputs))
+        return outputs
+
+    sync.step = counted_step
+
+    async def main():
+        engine = AsyncEngine(sync)
+        handoffs, deliver = [], engine._deliver
+
+        def counted_deliver(outputs):
+            handoffs.append(len(outputs))
+            deliver(outputs)
+
+        engine._deliver = counted_deliver
+        engine.start()
+        try:
+            handle = await engine.submit(*(EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)))
+            got = {f"r{i}": ([], "", None) for i in range(len(prompts))}
+            async for out in handle:
+                tokens, text, _ = got[out.request_id]
+                got[out.request_id] = (tokens + out.token_ids, text + out.text, out.finish_reason)
+            return got, handoffs
+        finally:
+            engine.stop()
+
+    got, handoffs = asyncio.run(main())
+    assert got == expected
+    assert handoffs == [n for n in steps if n] and max(handoffs) == len(prompts)
+
+
+def test_a_submission_is_queued_whole_or_not_at_all(tiny):
+    loaded, _ = tiny
+
+    async def main():
+        engine = AsyncEngine(make_engine(loaded, kv_tokens=64))
+        engine.start()
+        try:
+            fits = EngineRequest("fits", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+            too_large = EngineRequest("too-large", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
+            with pytest.raises(TooLarge):
+                await engine.submit(fits, too_large)
+            # Commands are applied in order, so once this probe finishes the refusal has been applied.
+            await collect(engine, "probe", [1, 2, 3], SamplingParams(max_tokens=1, ignore_eos=True))
+            return engine.engine.kv.usage, dict(engine.engine.requests), engine.engine.has_work
+        finally:
+            engine.stop()
+
+    assert asyncio.run(main()) == (0.0, {}, False)

@@ -4,9 +4,7 @@ import random
 
 import torch
 
-from service.engine.engine import Engine, EngineConfig
-from service.engine.scheduler import SchedulerConfig
-from service.engine.types import FinishReason, SamplingParams
+from service.engine import Engine, EngineConfig, EngineRequest, FinishReason, SamplingParams, SchedulerConfig
 from service.model import KVCache
 
 
@@ -22,7 +20,7 @@ def run_all(engine, arrivals):
     results, step = {}, 0
     while engine.has_work or any(s >= step for s in arrivals):
         for rid, prompt, params in arrivals.get(step, []):
-            engine.add(rid, prompt, params)
+            engine.add(EngineRequest(rid, prompt, params))
             results[rid] = ([], "", None)
         for out in engine.step():
             tokens, text, _ = results[out.request_id]
@@ -110,8 +108,8 @@ def test_preemption_happens_with_tiny_budget(tiny):
     engine = make_engine(loaded, kv_tokens=64, block_size=4)
     prompts = random_prompts(6, loaded.model.cfg.vocab_size, 11, 8, 30)
     for i, p in enumerate(prompts):
-        engine.add(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
-    seqs = [r.seq for r in engine.requests.values()]
+        engine.add(EngineRequest(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)))
+    seqs = [s.seq for samples in engine.requests.values() for s in samples.values()]
     while engine.has_work:
         engine.step()
     assert sum(s.num_preemptions for s in seqs) > 0
@@ -120,7 +118,7 @@ def test_preemption_happens_with_tiny_budget(tiny):
 def test_abort_frees_kv(tiny):
     loaded, _ = tiny
     engine = make_engine(loaded)
-    engine.add("a", list(range(1, 40)), SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.add(EngineRequest("a", list(range(1, 40)), SamplingParams(max_tokens=100, ignore_eos=True)))
     engine.step()
     engine.step()
     assert engine.kv.usage > 0
@@ -177,8 +175,8 @@ def test_prefix_reuse_gives_same_output(tiny):
     shared = random_prompts(1, loaded.model.cfg.vocab_size, 9, 40, 40)[0]
     engine = make_engine(loaded)
     run_all(engine, {0: [("a", shared + [1, 2], GREEDY)]})
-    engine.add("b", shared + [3], GREEDY)
-    seq = engine.requests["b", 0].seq
+    engine.add(EngineRequest("b", shared + [3], GREEDY))
+    seq = engine.requests["b"][0].seq
     reused = []
     while engine.has_work:
         reused += [t for out in engine.step() for t in out.token_ids]
@@ -192,7 +190,7 @@ def test_request_and_step_stats(tiny):
     engine = make_engine(loaded)
     shared = list(range(1, 30))
     run_all(engine, {0: [("warm", shared, SamplingParams(max_tokens=1, ignore_eos=True))]})
-    engine.add("a", shared + [40], SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True))
+    engine.add(EngineRequest("a", shared + [40], SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)))
     final = None
     while engine.has_work:
         for out in engine.step():

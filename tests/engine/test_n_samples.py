@@ -5,16 +5,14 @@ import asyncio
 
 import pytest
 
-from service.engine.async_engine import AsyncEngine
-from service.engine.scheduler import QueueFull
-from service.engine.types import SamplingParams
+from service.engine import AsyncEngine, EngineRequest, QueueFull, SamplingParams
 
 from .test_engine import make_engine, random_prompts, run_all
 
 
 def run_samples(engine, rid, prompt, params):
     """{index: (tokens, text, finish_reason, stats)} of one request."""
-    engine.add(rid, prompt, params)
+    engine.add(EngineRequest(rid, prompt, params))
     got: dict[int, tuple] = {}
     while engine.has_work:
         for out in engine.step():
@@ -41,7 +39,7 @@ def test_samples_share_the_prompt_kv(tiny):
     prompt = random_prompts(1, loaded.model.cfg.vocab_size, 32, 41, 41)[0]  # 10 full blocks of 4, then 1
     engine = make_engine(loaded, block_size=4)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=3)
-    engine.add("r", prompt, params)
+    engine.add(EngineRequest("r", prompt, params))
     computed = 0
     while engine.has_work:
         engine.step()
@@ -60,8 +58,12 @@ def test_samples_wait_for_the_prompt_without_blocking_others(tiny):
     loaded, _ = tiny
     vocab = loaded.model.cfg.vocab_size
     engine = make_engine(loaded, max_num_batched_tokens=16)  # the 60-token prompt takes 4 chunked steps
-    engine.add("long", random_prompts(1, vocab, 33, 60, 60)[0], SamplingParams(max_tokens=2, ignore_eos=True, n=3))
-    engine.add("short", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.add(
+        EngineRequest(
+            "long", random_prompts(1, vocab, 33, 60, 60)[0], SamplingParams(max_tokens=2, ignore_eos=True, n=3)
+        )
+    )
+    engine.add(EngineRequest("short", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True)))
     first_step_of: dict[str, int] = {}
     step = 0
     while engine.has_work:
@@ -76,7 +78,7 @@ def test_samples_wait_for_the_prompt_without_blocking_others(tiny):
 def test_abort_ends_every_sample_and_frees_kv(tiny):
     loaded, _ = tiny
     engine = make_engine(loaded)
-    engine.add("r", list(range(1, 30)), SamplingParams(max_tokens=100, ignore_eos=True, n=3))
+    engine.add(EngineRequest("r", list(range(1, 30)), SamplingParams(max_tokens=100, ignore_eos=True, n=3)))
     for _ in range(3):
         engine.step()
     assert len(engine.scheduler.running) == 3
@@ -88,9 +90,9 @@ def test_queue_full_admits_no_sample(tiny):
     loaded, _ = tiny
     engine = make_engine(loaded, max_waiting=3, max_num_seqs=1)  # 3 waiting beyond the 1 free slot
     with pytest.raises(QueueFull):
-        engine.add("r", [1, 2, 3], SamplingParams(max_tokens=4, n=5))
+        engine.add(EngineRequest("r", [1, 2, 3], SamplingParams(max_tokens=4, n=5)))
     assert not engine.has_work and not engine.requests
-    engine.add("r", [1, 2, 3], SamplingParams(max_tokens=4, n=4))  # the same id is free again
+    engine.add(EngineRequest("r", [1, 2, 3], SamplingParams(max_tokens=4, n=4)))  # the same id is free again
     assert engine.has_work
 
 
@@ -106,7 +108,7 @@ def test_stream_ends_after_every_sample_finished(tiny):
         try:
             got: dict[int, list[int]] = {}
             finished = []
-            async for out in engine.generate("r", prompt, params):
+            async for out in await engine.submit(EngineRequest("r", prompt, params)):
                 got.setdefault(out.index, []).extend(out.token_ids)
                 if out.finished:
                     finished.append(out.index)

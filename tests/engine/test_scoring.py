@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model_store.windows import rolling_windows
-from service.engine.types import SamplingParams
+from service.engine import EngineRequest, SamplingParams
 
 from .test_engine import make_engine, random_prompts
 
@@ -12,8 +12,8 @@ SCORE = SamplingParams(max_tokens=0, prompt_logprobs=5)
 
 
 def score(engine, rid, tokens, params=SCORE, score_from=None):
-    engine.add(rid, tokens, params, score_from=score_from)
-    seq = engine.requests[rid, 0].seq
+    engine.add(EngineRequest(rid, tokens, params, score_from=score_from))
+    seq = engine.requests[rid][0].seq
     outs = []
     while engine.has_work:
         outs += [o for o in engine.step() if o.request_id == rid]
@@ -68,8 +68,12 @@ def test_continuations_added_together_compute_the_context_once(tiny):
     engine = make_engine(loaded, max_num_batched_tokens=16)
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
     for i, cont in enumerate(continuations):  # all arrive in the same step
-        engine.add(f"c{i}", context + cont, params, score_from=len(context), shares_prefix_with="c0" if i else None)
-    seqs = [engine.requests[f"c{i}", 0].seq for i in range(3)]
+        engine.add(
+            EngineRequest(
+                f"c{i}", context + cont, params, score_from=len(context), shares_prefix_with="c0" if i else None
+            )
+        )
+    seqs = [engine.requests[f"c{i}"][0].seq for i in range(3)]
     got, computed = {}, 0
     while engine.has_work:
         for o in engine.step():
@@ -89,9 +93,9 @@ def test_scoring_survives_preemption(tiny):
     engine = make_engine(loaded, kv_tokens=64, block_size=4, max_num_batched_tokens=16)
     texts = random_prompts(4, vocab, 34, 30, 40)
     for i, t in enumerate(texts):  # generations grow while scoring requests arrive between them
-        engine.add(f"g{i}", t[:5], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
-        engine.add(f"s{i}", t, SamplingParams(max_tokens=0, prompt_logprobs=0))
-    seqs = [r.seq for r in engine.requests.values()]
+        engine.add(EngineRequest(f"g{i}", t[:5], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)))
+        engine.add(EngineRequest(f"s{i}", t, SamplingParams(max_tokens=0, prompt_logprobs=0)))
+    seqs = [s.seq for samples in engine.requests.values() for s in samples.values()]
     results = {}
     while engine.has_work:
         for o in engine.step():

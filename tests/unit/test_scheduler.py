@@ -38,7 +38,7 @@ class FakeEngine:
         for s in batch.seqs:
             if s.request_id not in self.admitted:
                 self.admitted.append(s.request_id)
-        self.sched.computed(batch)
+        self.sched.record_computed(batch)
         for seq in list(batch.seqs):
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prefill chunk: no logits to sample from yet
