@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Deployment smoke test, run by hand on a machine with a Docker engine (or the shared safe one):
-#   docker/smoke.sh
-# 1. starts the engine through ../shared/tools/container-engine.sh when `docker info` fails (and stops it
-#    again at the end), copies the local torch wheel into docker/wheels/ when pip has one on disk;
-# 2. builds the image (host network: this machine has no bridge);
+# Deployment smoke test, run by hand on a machine with a Docker engine (CI has none):
+#   docker/smoke.sh                        # a Docker engine is running (`docker info` works)
+#   ENGINE=path/to/engine-ctl docker/smoke.sh
+# 1. when `docker info` fails, runs `$ENGINE start` if ENGINE names an executable taking start/stop (and
+#    `$ENGINE stop` at the end), else stops; puts the pinned torch wheel in docker/wheels/ when pip can get it;
+# 2. builds the image (host network, so it also works where Docker has no bridge network);
 # 3. runs it with host networking on 127.0.0.1:$PORT and waits for Docker's health check to say healthy;
 # 4. sends a completion, a score and a metrics scrape, and checks their contents;
 # 5. runs Prometheus natively on 127.0.0.1 against the container and checks through its HTTP API that the
@@ -11,11 +12,14 @@
 # 6. sends SIGTERM (docker stop) during a streaming request and checks that the stream ends with
 #    `data: [DONE]`, that /ready turned 503 during the drain and that the container exits 0;
 # 7. removes what it created (container, image unless KEEP_IMAGE=1, temporary files).
+# Optional variables: ENGINE, IMAGE, KEEP_IMAGE, PORT, PROM_PORT, PROMETHEUS, PY (docs/deployment.md).
 # Every request goes to 127.0.0.1 and every wait is bounded. Prints the time of each step.
 set -euo pipefail
+ENGINE=${ENGINE:-}
+# A relative ENGINE path means relative to where the script was called from, not to the repository root.
+if [[ $ENGINE == */* ]]; then ENGINE=$(realpath -m -- "$ENGINE"); fi
 cd "$(dirname "$0")/.."
 REPO=$PWD
-ENGINE=${ENGINE:-$REPO/../shared/tools/container-engine.sh}
 IMAGE=${IMAGE:-gpt2-serve:smoke}
 NAME=gpt2-serve-smoke-$$
 PORT=${PORT:-18000}
@@ -48,7 +52,8 @@ trap cleanup EXIT
 
 # --- 1. engine and wheels ---------------------------------------------------------------------------------
 if ! docker info >/dev/null 2>&1; then
-    [[ -x $ENGINE ]] || fail "no Docker engine and no $ENGINE to start one"
+    [[ -n $ENGINE ]] || fail "no Docker engine (docker info fails): start one, or set ENGINE (docs/deployment.md)"
+    command -v "$ENGINE" >/dev/null || fail "no Docker engine, and ENGINE=$ENGINE is not an executable"
     "$ENGINE" start
     STARTED_ENGINE=1
 fi
