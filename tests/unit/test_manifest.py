@@ -29,7 +29,7 @@ def test_json_round_trip():
     assert Manifest.from_dict(json.loads(manifest.to_json())) == manifest
 
 
-def test_manifest_records_what_the_issue_lists():
+def test_manifest_records_architecture_dtype_files_tokenizer_lineage_and_metrics():
     data = json.loads(make_manifest().to_json())
     assert data["schema_version"] == 1 and data["name"] == "m" and data["version"] == 1 and data["created_at"]
     cfg = data["config"]
