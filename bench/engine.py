@@ -2,7 +2,7 @@
 at the same batch sizes and, optionally, CTranslate2, all in the same run.
 
     .venv/bin/python bench/engine.py [--quick] [--dtype float32|bfloat16|auto] [--batches 1,8,32,64]
-                                     [--ct2-python /work/ct2venv/bin/python [--ct2-scripts ../shared/bench]]
+                                     [--ct2-python VENV/bin/python --ct2-scripts DIR]
 
 GPT-2-small shape with random weights (no download), token-id prompts of 32 tokens, 128 generated tokens,
 greedy with ignore_eos, all requests arriving together. Also prints time to first token (median and p95)
@@ -13,22 +13,23 @@ per point after a warm-up; figures are noisy on a shared machine, so read the ra
 on the same machine. Not part of the test suite. `--dtype auto` resolves as the service does (bfloat16 where
 the hardware has bf16 matrix units, else float32); HF then runs in the resolved dtype.
 
-CTranslate2 baselines (issue 3's targets). The CTranslate2 scripts in ../shared/bench/ need a virtual
-environment of their own, outside the project's dependencies; create it once:
+CTranslate2 baselines. The CTranslate2 scripts (convert_ct2.py, ct2_generate.py, scoring.py, in the
+directory given as --ct2-scripts; they are not part of this repository) need a virtual environment of their
+own, outside the project's dependencies; create it once:
 
-    python3 -m venv /work/ct2venv && /work/ct2venv/bin/pip install -r bench/baselines-requirements.txt
+    python3 -m venv ../ct2venv && ../ct2venv/bin/pip install -r bench/baselines-requirements.txt
 
 With --ct2-python, this benchmark converts the same random model (saved in HF format) to CTranslate2 float32
 and int8 with convert_ct2.py, then runs ct2_generate.py (float32 at --batches, when the run's dtype resolves
 to float32; int8 at --ct2-int8-batches, for the best int8 figure) and scoring.py --ct2 (float32
 score_batch, 64 x 256, max_batch_size 8), each as a subprocess of the baseline venv's python with --json,
 --threads torch.get_num_threads() and --runs 1 (one timed run, as ours). This module never imports
-ctranslate2 or the shared scripts. The shared scripts wait (up to 2 min each) for other processes to go quiet
-before timing. A "targets" table follows the others: one row per target of issue 3, with ours, theirs, the
-ratio, the target and whether it is met. The full measurement is two runs, one per dtype:
+ctranslate2 or the baseline scripts. The baseline scripts wait (up to 2 min each) for other processes to go quiet
+before timing. A "targets" table follows the others: one row per performance goal, with ours, theirs, the
+ratio, the goal and whether it is met. The full measurement is two runs, one per dtype:
 
-    .venv/bin/python bench/engine.py --dtype float32 --ct2-python /work/ct2venv/bin/python
-    .venv/bin/python bench/engine.py --dtype auto --ct2-python /work/ct2venv/bin/python
+    .venv/bin/python bench/engine.py --dtype float32 --ct2-python ../ct2venv/bin/python --ct2-scripts DIR
+    .venv/bin/python bench/engine.py --dtype auto --ct2-python ../ct2venv/bin/python --ct2-scripts DIR
 
 CTranslate2 sees token ids as the synthetic strings "t<id>" (id 50256 as "<|endoftext|>"), which
 convert_ct2.py puts at vocabulary index <id>, so its ids are ours; its prompts are its own random ids of the
@@ -57,9 +58,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, random_gpt2_small  # noqa: E402
 
 PROMPT_LEN = 32
-REPO = Path(__file__).resolve().parent.parent
 CT2_RUNS = 1  # timed runs per CTranslate2 point: as many as ours
-CT2_SCORE_BATCH = 8  # score_batch max_batch_size, as in ../shared/reference/performance.md
+CT2_SCORE_BATCH = 8  # score_batch max_batch_size, as the reference CTranslate2 figures were taken
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
@@ -129,7 +129,7 @@ def p95(values: list[float]) -> float:
 
 
 def run_baseline(python: str, script: Path, *args: object, json_path: Path | None = None) -> list[dict]:
-    """Run one shared baseline script in its own venv, echoing its output indented; return its JSON records
+    """Run one baseline script in its own venv, echoing its output indented; return its JSON records
     (the scripts append one JSON object per line to --json)."""
     cmd = [python, str(script), *map(str, args)]
     if json_path is not None:
@@ -151,7 +151,7 @@ def run_baseline(python: str, script: Path, *args: object, json_path: Path | Non
 def ct2_baselines(
     args: argparse.Namespace, hf_dir: Path, work: Path, fp32: bool, batches: list[int], new_tokens: int
 ) -> dict:
-    """CTranslate2 figures, from the shared scripts run in the baseline venv: generated tok/s per
+    """CTranslate2 figures, from the baseline scripts run in the baseline venv: generated tok/s per
     (quantization, batch), and float32 score_batch tok/s."""
     py, scripts = args.ct2_python, Path(args.ct2_scripts)
     threads = torch.get_num_threads()
@@ -217,7 +217,7 @@ def print_targets(
     cold: float,
     ct2: dict | None,
 ) -> None:
-    """One row per target of issue 3: ours, theirs, ratio, target, met."""
+    """One row per performance goal: ours, theirs, ratio, goal, met."""
     gen = ct2["gen"] if ct2 else {}
     fp32 = dtype == "float32"
     na = "n/a"
@@ -296,7 +296,7 @@ def print_targets(
     )
 
     print(
-        f"\ntargets (issue 3), run dtype {dtype}"
+        f"\ntargets, run dtype {dtype}"
         + ("" if ct2 else "; no CTranslate2: pass --ct2-python")
         + ("" if fp32 else "; float32 rows need --dtype float32")
     )
@@ -313,16 +313,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
     parser.add_argument("--batches", default="1,8,32,64", help="concurrency levels; empty to skip generation")
     parser.add_argument("--ct2-python", default=None, help="python of the baseline venv: runs CTranslate2 too")
-    parser.add_argument(
-        "--ct2-scripts",
-        default=str(REPO.parent / "shared" / "bench"),
-        help="the shared baseline scripts (default: ../shared/bench from the repo root)",
-    )
+    parser.add_argument("--ct2-scripts", default=None, help="the CTranslate2 baseline scripts' directory")
     parser.add_argument("--ct2-int8-batches", default="1,8,32,64", help="CTranslate2 int8 batch sizes (best wins)")
     args = parser.parse_args()
     new_tokens = 32 if args.quick else 128
     batches = [int(b) for b in args.batches.split(",") if b]
-    if args.ct2_python and not (Path(args.ct2_scripts) / "ct2_generate.py").is_file():
+    if args.ct2_python and not (args.ct2_scripts and (Path(args.ct2_scripts) / "ct2_generate.py").is_file()):
         parser.error(f"no ct2_generate.py in --ct2-scripts {args.ct2_scripts}")
     print(machine())
     with tempfile.TemporaryDirectory() as tmp:

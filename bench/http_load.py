@@ -2,22 +2,29 @@
 
     .venv/bin/python bench/http_load.py [--quick] [--dtype float32|bfloat16|auto] [--concurrency 64]
                                         [--requests 128] [--new-tokens 128] [--servers ours,naive]
-                                        [--naive-python /work/ct2venv/bin/python]
+                                        [--naive-python PYTHON] [--before DIR] [--rounds N]
 
-The full measurement (issue 5, "the engine benchmark repeated through HTTP") is the defaults:
+The full measurement (the engine benchmark, bench/engine.py, repeated through HTTP) is the defaults:
 
     .venv/bin/python bench/http_load.py
 
-and a smoke test (16 clients, 32 requests, 32 generated tokens) is `--quick`.
+and a smoke test (16 clients, 32 requests, 32 generated tokens) is `--quick`. To compare this checkout with
+an earlier version of the service in one run, serve both: check the earlier commit out beside this one
+(`git worktree add /tmp/before COMMIT`) and run with `--before /tmp/before --servers ours,before --rounds 2`.
 
 One GPT-2-small-shape model with random weights (bench/common.py `random_gpt2_small`, no download) is
-served twice, one server at a time, on 127.0.0.1 only:
+served by each server in turn, one at a time, on 127.0.0.1 only:
 
 - ours: `python -m service` (this interpreter) with MODEL=bench from the temporary store, DTYPE=--dtype,
   MAX_NUM_SEQS=64, a KV budget that holds every client's full sequence, NUM_THREADS as this process;
-- naive: ../shared/bench/naive_server.py (FastAPI, one HF `generate` at a time under a lock, float32) run by
-  --naive-python (default /work/ct2venv/bin/python if it exists, else this interpreter) on the same weights
-  saved in HF format, with --threads as this process.
+- before: the same, but the service's code from the checkout at --before (run from that directory, with
+  this interpreter and its packages);
+- naive: bench/naive_server.py (FastAPI, one HF `generate` at a time under a lock, float32) run by
+  --naive-python (default: this interpreter) on the same weights saved in HF format, with --threads as this
+  process.
+
+With --rounds N every server is started and measured N times, in turn (ours, before, ..., ours, before,
+...), so slow drifts of a shared machine fall on all of them; the figures are medians over every pass.
 
 The same load generator (asyncio + httpx, here) drives both: --concurrency clients pull from a fixed list of
 --requests requests, each a prompt of 32 random token ids (the same ids for both servers; a different list
@@ -25,10 +32,10 @@ per pass, so no pass reuses another's prefix cache) and exactly --new-tokens gen
 gets `POST /v1/completions` with `stream: true`, `ignore_eos`, `min_tokens` = `max_tokens` and
 `stream_options.include_usage`; the naive server gets its own `POST /generate {input_ids, max_new_tokens}`,
 which forces `min_new_tokens` = `max_new_tokens`. Every response is checked for the exact token count. One
-untimed warm-up request per server, then --repeats timed passes (median reported).
+untimed warm-up request per server start, then --repeats timed passes (median reported).
 
 Per server: generated tokens/s (all generated tokens / wall time of the pass), requests/s, time to first
-token p50/p95, end-to-end latency p50/p95, errors; then ours/naive. TTFT for ours is the arrival of the
+token p50/p95, end-to-end latency p50/p95, errors; then ours/naive and ours/before. TTFT for ours is the arrival of the
 first SSE event (it carries the first token); the naive server does not stream, so its "TTFT" is the full
 latency, marked as such. The client runs on the same CPUs as the server (it parses every SSE event of
 ours), and other processes on a shared machine add noise: the CPU share used by others during each pass is
@@ -60,13 +67,12 @@ from common import machine, random_gpt2_small  # noqa: E402
 PROMPT_LEN = 32
 VOCAB = 50256  # prompt ids in [0, 50256): EOS excluded
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "bench"
-BASELINE_VENV_PYTHON = Path("/work/ct2venv/bin/python")
+NAIVE_SERVER = Path(__file__).resolve().parent / "naive_server.py"
 HOST = "127.0.0.1"
 
 
 def pct(xs: list[float], p: float) -> float:
-    """Percentile with linear interpolation (as ../shared/bench/load.py)."""
+    """Percentile with linear interpolation."""
     if not xs:
         return float("nan")
     xs = sorted(xs)
@@ -177,7 +183,10 @@ class Server:
         print(f"  {self.name} server (pid {self.proc.pid}) stopped, exit {self.proc.returncode}", flush=True)
 
 
-def start_ours(args: argparse.Namespace, store_root: Path, work: Path, kv_bytes: int, threads: int) -> Server:
+def start_ours(
+    args: argparse.Namespace, store_root: Path, work: Path, kv_bytes: int, threads: int, name: str = "ours"
+) -> Server:
+    """`python -m service` from this checkout (`ours`) or from the one at --before (`before`)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS",)}
     env.update(
@@ -195,7 +204,9 @@ def start_ours(args: argparse.Namespace, store_root: Path, work: Path, kv_bytes:
         LOG_LEVEL="info",
         DRAIN_TIMEOUT="5",
     )
-    return Server("ours", [sys.executable, "-m", "service"], env, work / "ours.log", "/ready", port, REPO)
+    tree = REPO if name == "ours" else Path(args.before).resolve()
+    env["PYTHONPATH"] = str(tree)  # that checkout's service, whatever the venv's editable install points at
+    return Server(name, [sys.executable, "-m", "service"], env, work / f"{name}.log", "/ready", port, tree)
 
 
 def start_naive(args: argparse.Namespace, hf_dir: Path, work: Path, threads: int) -> Server:
@@ -375,6 +386,42 @@ def baseline_versions(python: str) -> str:
         return repr(exc)
 
 
+def serve_and_measure(
+    name: str, args: argparse.Namespace, store_root: Path, work: Path, kv_bytes: int, threads: int, passes, warmup
+) -> list[dict] | None:
+    """Start one server, measure its passes, stop it; None (and its log's tail) if it failed."""
+    server = None
+    try:
+        if name == "naive":
+            server, send = start_naive(args, work / "hf", work, threads), request_naive
+        else:
+            server, send = start_ours(args, store_root, work, kv_bytes, threads, name), request_ours
+        print(f"  ready after {server.wait_ready(args.start_timeout):.1f} s", flush=True)
+        if name != "naive":
+            info = httpx.get(server.base + "/v1/models", timeout=10).json()["data"][0]
+            print(
+                f"  serving {info.get('id')} dtype {info.get('dtype')}, KV budget {kv_bytes / 2**20:.0f} MiB",
+                flush=True,
+            )
+        return measure(server, send, passes, warmup, args)
+    except Exception as exc:
+        print(f"  {name} FAILED: {exc}", flush=True)
+        if server is not None:
+            print(server.log_tail(), flush=True)
+        return None
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _commit(tree: Path) -> str:
+    done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    )
+    return (done.stdout.strip() or "?") + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 16 clients, 32 requests, 32 new tokens")
@@ -388,13 +435,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=None, help="requests per pass (default 128)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens per request (default 128)")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes per server (median reported)")
-    parser.add_argument("--servers", default="ours,naive", help="which to run: ours, naive or both")
-    parser.add_argument(
-        "--naive-python",
-        default=None,
-        help=f"python for naive_server.py (default {BASELINE_VENV_PYTHON} if present, else this one)",
-    )
-    parser.add_argument("--naive-script", default=str(SHARED / "naive_server.py"))
+    parser.add_argument("--servers", default="ours,naive", help="which to run, in order: ours, before, naive")
+    parser.add_argument("--before", default=None, help="another checkout of this repository, served as `before`")
+    parser.add_argument("--rounds", type=int, default=1, help="start and measure every server this many times")
+    parser.add_argument("--naive-python", default=sys.executable, help="python for naive_server.py (default: this)")
+    parser.add_argument("--naive-script", default=str(NAIVE_SERVER))
     parser.add_argument("--req-timeout", type=float, default=2400, help="seconds per request")
     parser.add_argument("--deadline-s", type=float, default=3600, help="seconds per timed pass")
     parser.add_argument("--start-timeout", type=float, default=300, help="seconds for a server to become ready")
@@ -406,24 +451,26 @@ def main() -> None:
         if getattr(args, k) is None:
             setattr(args, k, quick.get(k, v))
     servers = [s for s in args.servers.split(",") if s]
-    if not servers or set(servers) - {"ours", "naive"}:
-        parser.error("--servers takes ours, naive or ours,naive")
+    if not servers or set(servers) - {"ours", "before", "naive"} or len(set(servers)) < len(servers):
+        parser.error("--servers takes a comma-separated list of ours, before and naive")
     if "naive" in servers and not Path(args.naive_script).is_file():
         parser.error(f"no naive server script at {args.naive_script}")
-    if args.naive_python is None:
-        args.naive_python = str(BASELINE_VENV_PYTHON) if BASELINE_VENV_PYTHON.exists() else sys.executable
+    if "before" in servers and not (args.before and (Path(args.before) / "service" / "__main__.py").is_file()):
+        parser.error("--servers before needs --before DIR, a checkout of this repository")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the servers
 
     threads = torch.get_num_threads()
     print(machine())
     print(
         f"GPT-2-small shape, random weights; {args.concurrency} concurrent streaming clients, {args.requests} "
-        f"requests per pass x {args.repeats} pass(es), prompt {PROMPT_LEN} token ids, {args.new_tokens} generated "
-        f"(forced), greedy; ours DTYPE={args.dtype}, naive float32; {threads} threads each",
+        f"requests per pass x {args.repeats} pass(es) x {args.rounds} round(s), prompt {PROMPT_LEN} token ids, "
+        f"{args.new_tokens} generated (forced), greedy; ours DTYPE={args.dtype}, naive float32; {threads} threads each",
         flush=True,
     )
     if "naive" in servers:
         print(f"naive server python: {args.naive_python} ({baseline_versions(args.naive_python)})", flush=True)
+    if "before" in servers:
+        print(f"before: {Path(args.before).resolve()} at {_commit(Path(args.before))}; ours at {_commit(REPO)}")
 
     gen = torch.Generator().manual_seed(1)
 
@@ -432,7 +479,6 @@ def main() -> None:
 
     warmup = prompts(1)[0]
     passes = [prompts(args.requests) for _ in range(args.repeats)]
-    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         work = Path(tmp)
         store, hf = random_gpt2_small(work)
@@ -440,31 +486,17 @@ def main() -> None:
         del hf
         kv_tokens = max(args.concurrency, 64) * (PROMPT_LEN + args.new_tokens) + 2048
         kv_bytes = int(kv_tokens * bytes_per_token * 1.25)
-        for name in servers:
-            print(f"\n{name}", flush=True)
-            server = None
-            try:
-                if name == "ours":
-                    server = start_ours(args, store.root, work, kv_bytes, threads)
-                    send = request_ours
+        records: dict[str, list[dict]] = {}
+        broken: set[str] = set()  # servers that failed in some round
+        for round_ in range(args.rounds):
+            for name in servers:
+                print(f"\n{name}" + (f", round {round_ + 1}" if args.rounds > 1 else ""), flush=True)
+                got = serve_and_measure(name, args, store.root, work, kv_bytes, threads, passes, warmup)
+                if got is None:
+                    broken.add(name)
                 else:
-                    server = start_naive(args, work / "hf", work, threads)
-                    send = request_naive
-                print(f"  ready after {server.wait_ready(args.start_timeout):.1f} s", flush=True)
-                if name == "ours":
-                    info = httpx.get(server.base + "/v1/models", timeout=10).json()["data"][0]
-                    print(
-                        f"  serving {info.get('id')} dtype {info.get('dtype')}, KV budget {kv_bytes / 2**20:.0f} MiB",
-                        flush=True,
-                    )
-                results[name] = summary(measure(server, send, passes, warmup, args))
-            except Exception as exc:
-                print(f"  {name} FAILED: {exc}", flush=True)
-                if server is not None:
-                    print(server.log_tail(), flush=True)
-            finally:
-                if server is not None:
-                    server.stop()
+                    records.setdefault(name, []).extend(got)
+        results = {name: summary(records[name]) for name in servers if name in records}
 
     print(
         f"\n{args.concurrency} concurrent clients, {args.requests} requests x {args.repeats} pass(es), prompt "
@@ -500,7 +532,7 @@ def main() -> None:
                     json.dumps(
                         {
                             "server": name,
-                            "dtype": args.dtype if name == "ours" else "float32",
+                            "dtype": "float32" if name == "naive" else args.dtype,
                             "concurrency": args.concurrency,
                             "requests": args.requests,
                             "new_tokens": args.new_tokens,
@@ -512,6 +544,13 @@ def main() -> None:
                 )
     if "naive" in results:
         print("naive: no streaming, so its TTFT is the full request latency")
+    if {"ours", "before"} <= results.keys():
+        o, b = results["ours"], results["before"]
+        print(
+            f"ours/before: generated tok/s {o['tok_s'] / b['tok_s']:.2f}x, req/s {o['req_s'] / b['req_s']:.2f}x; "
+            f"TTFT p50 {o['ttft_p50']:.2f} s vs {b['ttft_p50']:.2f} s, e2e latency p50 {o['lat_p50']:.2f} s vs "
+            f"{b['lat_p50']:.2f} s"
+        )
     if {"ours", "naive"} <= results.keys():
         o, n = results["ours"], results["naive"]
         print(
@@ -519,7 +558,7 @@ def main() -> None:
             f"TTFT p50 {o['ttft_p50']:.2f} s vs {n['ttft_p50']:.2f} s ({n['ttft_p50'] / o['ttft_p50']:.1f}x "
             f"sooner), e2e latency p50 {o['lat_p50']:.2f} s vs {n['lat_p50']:.2f} s"
         )
-    failed = [s for s in servers if s not in results or results[s]["errors"]]
+    failed = [s for s in servers if s in broken or s not in results or results[s]["errors"]]
     if failed:
         print(f"FAILED or with errors: {', '.join(failed)}")
         sys.exit(1)
