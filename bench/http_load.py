@@ -544,20 +544,14 @@ def main() -> None:
                 )
     if "naive" in results:
         print("naive: no streaming, so its TTFT is the full request latency")
-    if {"ours", "before"} <= results.keys():
-        o, b = results["ours"], results["before"]
-        print(
-            f"ours/before: generated tok/s {o['tok_s'] / b['tok_s']:.2f}x, req/s {o['req_s'] / b['req_s']:.2f}x; "
-            f"TTFT p50 {o['ttft_p50']:.2f} s vs {b['ttft_p50']:.2f} s, e2e latency p50 {o['lat_p50']:.2f} s vs "
-            f"{b['lat_p50']:.2f} s"
-        )
-    if {"ours", "naive"} <= results.keys():
-        o, n = results["ours"], results["naive"]
-        print(
-            f"ours/naive: generated tok/s {o['tok_s'] / n['tok_s']:.2f}x, req/s {o['req_s'] / n['req_s']:.2f}x; "
-            f"TTFT p50 {o['ttft_p50']:.2f} s vs {n['ttft_p50']:.2f} s ({n['ttft_p50'] / o['ttft_p50']:.1f}x "
-            f"sooner), e2e latency p50 {o['lat_p50']:.2f} s vs {n['lat_p50']:.2f} s"
-        )
+    for other in ("before", "naive"):
+        if {"ours", other} <= results.keys():
+            o, t = results["ours"], results[other]
+            print(
+                f"ours/{other}: generated tok/s {o['tok_s'] / t['tok_s']:.2f}x, req/s {o['req_s'] / t['req_s']:.2f}x; "
+                f"TTFT p50 {o['ttft_p50']:.2f} s vs {t['ttft_p50']:.2f} s, e2e latency p50 {o['lat_p50']:.2f} s "
+                f"vs {t['lat_p50']:.2f} s"
+            )
     failed = [s for s in servers if s in broken or s not in results or results[s]["errors"]]
     if failed:
         print(f"FAILED or with errors: {', '.join(failed)}")

@@ -13,14 +13,14 @@ from fastapi.responses import JSONResponse, Response
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from service.engine import EngineRequest, RequestHandle
+from service.engine import EngineRequest
 from service.serving import ServedModel
 
-from .completions import Choice, Reply, check_total, collect_choices, finish_reason, max_new_tokens, output_entries
+from .completions import Choice, Reply, collect_choices, finish_reason, max_new_tokens, output_entries, submit_reply
 from .errors import invalid
 from .protocol import LogprobEntry, PromptInput, check_model, encode, sampling_params
 from .schemas import ChatCompletionRequest, ChatMessage
-from .streams import EventStream, abort_on_disconnect, sse, submit
+from .streams import EventStream, abort_on_disconnect, sse
 
 router = APIRouter()
 
@@ -38,14 +38,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
             req, server.config, model.vocab_size, max_tokens=max_tokens, logprobs=top, prompt_logprobs=None
         )
         jobs = [EngineRequest(server.request_id("chatcmpl"), ids, params)]
-        check_total(req.n, server.config.max_waiting_requests)
-        handle = await submit(model, jobs)
-        reply = Reply(model, [PromptInput(ids, "")], jobs, req.n)
-        request.state.usage = reply.usage
+        reply = await submit_reply(request, model, [PromptInput(ids, "")], jobs, req.n)
         if req.stream:
-            return EventStream(_chat_chunks(req, reply, handle), lease.hand_over(), handle)
-        async with abort_on_disconnect(request, handle):
-            choices = await collect_choices(reply, handle)
+            return EventStream(_chat_chunks(req, reply), lease.hand_over(), reply.handle)
+        async with abort_on_disconnect(request, reply.handle):
+            choices = await collect_choices(reply)
     return JSONResponse(_chat_body(req, reply, choices))
 
 
@@ -118,7 +115,7 @@ def _chat_logprobs(entries: list[LogprobEntry], model: ServedModel) -> dict:
     }
 
 
-async def _chat_chunks(req: ChatCompletionRequest, reply: Reply, handle: RequestHandle) -> AsyncIterator[bytes]:
+async def _chat_chunks(req: ChatCompletionRequest, reply: Reply) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict], **extra) -> bytes:
         head = {
             "id": reply.id,
@@ -134,7 +131,7 @@ async def _chat_chunks(req: ChatCompletionRequest, reply: Reply, handle: Request
     choices = reply.choices()
     for i in range(req.n):
         yield chunk([delta(i, {"role": "assistant", "content": ""}, None)])
-    async for out in handle:
+    async for out in reply.handle:
         choices[out.index].add(out)
         logprobs = _chat_logprobs(output_entries(out), reply.model) if req.logprobs else None
         if out.text or out.finished:

@@ -46,14 +46,11 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
             EngineRequest(server.request_id("cmpl"), p.token_ids, _params(req, p, model, server.config))
             for p in prompts
         ]
-        check_total(len(jobs) * req.n, server.config.max_waiting_requests)
-        handle = await submit(model, jobs)
-        reply = Reply(model, prompts, jobs, req.n)
-        request.state.usage = reply.usage
+        reply = await submit_reply(request, model, prompts, jobs, req.n)
         if req.stream:
-            return EventStream(_completion_chunks(req, reply, handle), lease.hand_over(), handle)
-        async with abort_on_disconnect(request, handle):
-            choices = await collect_choices(reply, handle)
+            return EventStream(_completion_chunks(req, reply), lease.hand_over(), reply.handle)
+        async with abort_on_disconnect(request, reply.handle):
+            choices = await collect_choices(reply)
     return JSONResponse(_completion_body(req, reply, choices))
 
 
@@ -83,9 +80,17 @@ def max_new_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int, 
     return max_tokens
 
 
-def check_total(num_sequences: int, limit: int) -> None:
-    if num_sequences > limit:
-        raise invalid(f"the request asks for {num_sequences} sequences (prompts × n); the limit is {limit}", "n")
+async def submit_reply(
+    request: Request, model: ServedModel, prompts: list[PromptInput], jobs: list[EngineRequest], n: int
+) -> "Reply":
+    """Queue the jobs (more sequences than the waiting queue holds: 400; refused: 429 / 400 / 503), and the
+    reply to build from them; its usage is logged with the request."""
+    limit = request.app.state.server.config.max_waiting_requests
+    if len(jobs) * n > limit:
+        raise invalid(f"the request asks for {len(jobs) * n} sequences (prompts × n); the limit is {limit}", "n")
+    reply = Reply(model, prompts, jobs, n, await submit(model, jobs))
+    request.state.usage = reply.usage
+    return reply
 
 
 @dataclass
@@ -109,12 +114,14 @@ class Choice:
 @dataclass
 class Reply:
     """What the reply to one completion request is built from: its engine requests (one per prompt, each
-    with `n` samples: choice `i * n + sample`), and the usage logged once the response is complete."""
+    with `n` samples: choice `i * n + sample`) and their outputs, and the usage logged once the response is
+    complete."""
 
     model: ServedModel
     prompts: list[PromptInput]
     jobs: list[EngineRequest]
     n: int
+    handle: RequestHandle
     created: int = field(default_factory=lambda: int(time.time()))
     usage: dict = field(default_factory=dict)
 
@@ -141,10 +148,10 @@ class Reply:
         )
 
 
-async def collect_choices(reply: Reply, handle: RequestHandle) -> list[Choice]:
-    """Every output of `handle`, assembled into the reply's choices; the usage counted."""
+async def collect_choices(reply: Reply) -> list[Choice]:
+    """Every output, assembled into the reply's choices; the usage counted."""
     choices = reply.choices()
-    async for out in handle:
+    async for out in reply.handle:
         choices[reply.index(out)].add(out)
     if reply.jobs[0].params.max_tokens == 0:  # scoring only: one engine sequence stands for every sample
         for i in range(len(reply.jobs)):
@@ -182,7 +189,7 @@ def _completion_choice(index: int, c: Choice, req: CompletionRequest, model: Ser
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason or "length"}
 
 
-async def _completion_chunks(req: CompletionRequest, reply: Reply, handle: RequestHandle) -> AsyncIterator[bytes]:
+async def _completion_chunks(req: CompletionRequest, reply: Reply) -> AsyncIterator[bytes]:
     strings = reply.model.token_strings
 
     def chunk(choices: list[dict], **extra) -> bytes:
@@ -191,7 +198,7 @@ async def _completion_chunks(req: CompletionRequest, reply: Reply, handle: Reque
 
     choices = reply.choices()
     started: set[int] = set()
-    async for out in handle:
+    async for out in reply.handle:
         index = reply.index(out)
         choice = choices[index]
         prefix, entries = "", []
