@@ -1,8 +1,8 @@
 """Schema-driven fuzzing of the HTTP service with schemathesis (its Python API, 4.x).
 
-    .venv/bin/python reliability/fuzz.py                  # 2,000 cases against a fresh tiny random model
-    .venv/bin/python reliability/fuzz.py --cases 300      # a quicker pass
-    .venv/bin/python reliability/fuzz.py --url http://127.0.0.1:8000   # an already running service
+    .venv/bin/python -m reliability.fuzz                  # 2,000 cases against a fresh tiny random model
+    .venv/bin/python -m reliability.fuzz --cases 300      # a quicker pass
+    .venv/bin/python -m reliability.fuzz --url http://127.0.0.1:8000   # an already running service
 
 Without `--url` it builds a store holding a tiny random GPT-2 (`tiny@1`, alias `prod`; a byte-level BPE
 tokenizer trained on the spot, nothing downloaded) in a temporary directory, starts `python -m service` on
@@ -16,12 +16,11 @@ it), sends each with a per-request timeout and checks:
 
 After the run the service must still be ready with nothing running or waiting, and its log must hold no
 error-level line. Prints cases run, failures (each with a curl to reproduce), per endpoint, and the wall
-time; exits 1 on any failure. `run_fuzz()` is what tests/reliability/test_fuzz.py calls with ~100 cases.
+time; exits 1 on any failure. `run_fuzz()` is what tests/robustness/test_fuzz.py calls with ~100 cases.
 """
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import sys
 import tempfile
@@ -33,65 +32,14 @@ from pathlib import Path
 
 import requests
 
-EOS = "<|endoftext|>"
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "Serving language models means batching requests that arrive at different times.",
-    "Caf\u00e9 na\u00efve fa\u00e7ade \u2014 r\u00e9sum\u00e9. \U0001f600 \u4f60\u597d\uff0c\u4e16\u754c\u3002",
-    "def forward(self, x):\n    return self.proj(self.act(self.fc(x)))\n",
-] * 20
+from reliability.server import ServerProcess
+from reliability.stores import build_tiny_store
+
 # Operations without a body or parameters have one possible request each: one case is all they get.
 BODYLESS_CASES = 1
 
 
 # -- the service under test ---------------------------------------------------------------------------------
-def build_store(root: Path, seed: int = 0) -> None:
-    """`tiny@1` (alias prod) in a store at `root`: 2 layers, 64 wide, 256 positions, ~400-token vocab."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
-
-    from model_store import ModelStore
-    from model_store.import_hf import import_hf
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    eos = tok.token_to_id(EOS)
-    cfg = GPT2Config(
-        n_layer=2,
-        n_head=4,
-        n_embd=64,
-        n_positions=256,
-        vocab_size=tok.get_vocab_size(),
-        bos_token_id=eos,
-        eos_token_id=eos,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(seed)
-    hf_logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as src:
-        GPT2LMHeadModel(cfg).eval().save_pretrained(src)
-        tok.save(str(Path(src) / "tokenizer.json"))
-        import_hf(ModelStore(root), src, "tiny", alias="prod")
-
-
-def _harness():
-    """reliability/harness.py, loaded from its path: this file runs as a script and is also loaded by path
-    from tests/, where `reliability` names the tests' package, not this folder."""
-    if "reliability_harness" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("reliability_harness", Path(__file__).with_name("harness.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["reliability_harness"]
-
-
 @contextlib.contextmanager
 def service(store_root: Path, log_path: Path) -> Iterator[str]:
     """`python -m service` on 127.0.0.1 serving tiny@prod from `store_root`; yields its base URL."""
@@ -103,7 +51,7 @@ def service(store_root: Path, log_path: Path) -> Iterator[str]:
         "SEED": "0",
         "DRAIN_TIMEOUT": "5",
     }
-    with _harness().ServerProcess(store_root, "tiny@prod", settings, log_path) as server:
+    with ServerProcess(store_root, "tiny@prod", settings, log_path) as server:
         server.wait_ready(timeout=120)
         yield server.url
 
@@ -293,7 +241,9 @@ def error_lines(log_path: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m reliability.fuzz",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--cases", type=int, default=2000, help="requests to send in all (default 2000)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds (default 30)")
@@ -309,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
             print("building a tiny random model ...", flush=True)
-            build_store(Path(tmp) / "store")
+            build_tiny_store(Path(tmp) / "store", versions=1, seed=0)
             log_path = Path(tmp) / "service.log"
             with service(Path(tmp) / "store", log_path) as url:
                 print(f"service on {url}; fuzzing ~{args.cases} cases", flush=True)

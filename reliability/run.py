@@ -52,7 +52,15 @@ from pathlib import Path
 
 import httpx
 
-from reliability import harness as h
+from reliability.figures import as_json, failures, pct, rss_growth, summarize, table
+from reliability.load import LoadReport, drive, execute
+from reliability.scenarios import Check
+from reliability.scenarios.engine_fault import engine_fault
+from reliability.scenarios.finetune_kill import STAGES, finetune_kill
+from reliability.scenarios.sigterm import sigterm_streams
+from reliability.server import FAULTY_SERVER, ServerProcess, model_info, wait_idle
+from reliability.stores import add_version_copy, choose_model, copy_model
+from reliability.traffic import fixed_request, mixed_request
 
 
 @dataclass
@@ -138,7 +146,7 @@ def load_table(title: str, fig: dict) -> str:
             )
         )
     rows.append(("duration (s)", fig["duration_s"]))
-    return h.table(title, rows)
+    return table(title, rows)
 
 
 # ---- soak --------------------------------------------------------------------------------------------------
@@ -154,7 +162,7 @@ def soak(ctx: Context) -> Suite:
         max_n=2,
         kv_cache_memory=a.kv_cache_memory or kv_budget(ctx.root, ctx.ref, 2 * (c + w), a.dtype),
     )
-    with h.ServerProcess(ctx.root, ctx.ref, settings, ctx.log("soak")) as server:
+    with ServerProcess(ctx.root, ctx.ref, settings, ctx.log("soak")) as server:
         print(
             f"soak: {ctx.ref}, MAX_NUM_SEQS={c}, MAX_WAITING_REQUESTS={w}, {2 * c} clients, {a.duration:.0f} s "
             f"(server pid {server.pid}, ready in {server.wait_ready():.1f} s)",
@@ -163,23 +171,23 @@ def soak(ctx: Context) -> Suite:
 
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-                info = await h.model_info(client)
-                report = await h.drive(
+                info = await model_info(client)
+                report = await drive(
                     server.url,
                     2 * c,
                     a.duration,
-                    lambda rng: h.mixed_request(rng, info),
+                    lambda rng: mixed_request(rng, info),
                     max_requests=a.max_requests,
                     seed=a.seed,
                     server=server,
                 )
-                idle = await h.wait_idle(client, timeout=60)
+                idle = await wait_idle(client, timeout=60)
                 return info, report, idle
 
         info, report, (idle, gauges, idle_s) = asyncio.run(main())
         suite.figures = {
-            **h.summarize(report.results, report.duration),
-            **h.rss_growth(report.rss, report.duration),
+            **summarize(report.results, report.duration),
+            **rss_growth(report.rss, report.duration),
             "model": info["id"],
             "clients": 2 * c,
             "max_num_seqs": c,
@@ -193,11 +201,11 @@ def soak(ctx: Context) -> Suite:
     fig = suite.figures
     print(load_table(f"soak ({fig['model']}, {2 * c} clients)", fig))
     suite.check("requests were sent and completed", fig["completed"] > 0, f"{fig['completed']} of {fig['sent']}")
-    suite.check("no 5xx", fig["5xx"] == 0, "; ".join(h.failures(report.results, ("5xx",))))
+    suite.check("no 5xx", fig["5xx"] == 0, "; ".join(failures(report.results, ("5xx",))))
     suite.check(
         "no other errors (every request completed, got 429 or was aborted by its client)",
         fig["other_errors"] == 0,
-        "; ".join(h.failures(report.results, ("error",))),
+        "; ".join(failures(report.results, ("error",))),
     )
     suite.check("running/waiting gauges and KV usage back to 0", idle, f"after {idle_s:.1f} s: {gauges}")
     growth = fig["rss_growth_pct"]
@@ -222,7 +230,7 @@ def overload(ctx: Context) -> Suite:
         max_waiting_requests=w,
         kv_cache_memory=a.kv_cache_memory or kv_budget(ctx.root, ctx.ref, 2 * (c + w), a.dtype),
     )
-    with h.ServerProcess(ctx.root, ctx.ref, settings, ctx.log("overload")) as server:
+    with ServerProcess(ctx.root, ctx.ref, settings, ctx.log("overload")) as server:
         retry = f"{a.retry_pause_min:g}-{a.retry_pause_max:g} s" if a.retry_pause_max else "Retry-After x 0.5-1.5"
         print(
             f"overload: {ctx.ref}, MAX_NUM_SEQS={c}, MAX_WAITING_REQUESTS={w}; baseline {c} clients "
@@ -234,14 +242,14 @@ def overload(ctx: Context) -> Suite:
 
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                info = await h.model_info(client)
-                make = lambda rng: h.fixed_request(rng, info, a.prompt_len, a.new_tokens, a.spread)  # noqa: E731
-                await h.drive(server.url, c, a.warmup, make, seed=a.seed + 1)  # untimed warm-up
-                base = await h.drive(
+                info = await model_info(client)
+                make = lambda rng: fixed_request(rng, info, a.prompt_len, a.new_tokens, a.spread)  # noqa: E731
+                await drive(server.url, c, a.warmup, make, seed=a.seed + 1)  # untimed warm-up
+                base = await drive(
                     server.url, c, a.baseline_duration, make, seed=a.seed + 2, server=server, stagger=a.stagger
                 )
                 pause = (a.retry_pause_min, a.retry_pause_max) if a.retry_pause_max else None
-                over = await h.drive(
+                over = await drive(
                     server.url,
                     4 * c,
                     a.overload_duration,
@@ -251,13 +259,13 @@ def overload(ctx: Context) -> Suite:
                     retry_pause=pause,
                     stagger=a.stagger,
                 )
-                recovery = await h.execute(client, make(random.Random(a.seed + 4)), time.monotonic())
-                idle = await h.wait_idle(client, timeout=60)
+                recovery = await execute(client, make(random.Random(a.seed + 4)), time.monotonic())
+                idle = await wait_idle(client, timeout=60)
                 return info, base, over, recovery, idle
 
         info, base, over, recovery, (idle, gauges, idle_s) = asyncio.run(main())
         code = server.stop(timeout=60)
-    fb, fo = h.summarize(base.results, base.duration), h.summarize(over.results, over.duration)
+    fb, fo = summarize(base.results, base.duration), summarize(over.results, over.duration)
     suite.figures = {
         "model": info["id"],
         "max_num_seqs": c,
@@ -282,7 +290,7 @@ def overload(ctx: Context) -> Suite:
     suite.check(
         "baseline: every request completed",
         fb["completed"] > 0 and fb["completed"] == fb["sent"],
-        f"{fb['completed']} of {fb['sent']}; " + "; ".join(h.failures(base.results)),
+        f"{fb['completed']} of {fb['sent']}; " + "; ".join(failures(base.results)),
     )
     suite.check(
         "overload: the excess got 429 with Retry-After", fo["rejected_429"] > 0, f"{fo['rejected_429']} of {fo['sent']}"
@@ -290,7 +298,7 @@ def overload(ctx: Context) -> Suite:
     suite.check(
         "overload: no 5xx, no other errors",
         fo["5xx"] == 0 and fo["other_errors"] == 0,
-        "; ".join(h.failures(over.results)),
+        "; ".join(failures(over.results)),
     )
     suite.check(
         "overload: 429 p95 latency <= 50 ms",
@@ -322,7 +330,7 @@ def server_durations(log: Path, status: int) -> dict:
             continue
         if isinstance(entry, dict) and entry.get("msg") == "request" and entry.get("status") == status:
             ms.append(float(entry.get("duration_ms", "nan")))
-    return {"count": len(ms), "p50": h.pct(ms, 50), "p95": h.pct(ms, 95), "max": max(ms, default=float("nan"))}
+    return {"count": len(ms), "p50": pct(ms, 50), "p95": pct(ms, 95), "max": max(ms, default=float("nan"))}
 
 
 # ---- faults ------------------------------------------------------------------------------------------------
@@ -330,24 +338,24 @@ def server_durations(log: Path, status: int) -> dict:
 
 def fault_sigterm(ctx: Context, suite: Suite, streams: int, drain_timeout: float) -> None:
     settings = ctx.settings(max_num_seqs=streams, max_waiting_requests=streams, drain_timeout=drain_timeout)
-    with h.ServerProcess(ctx.root, ctx.ref, settings, ctx.log("fault-sigterm")) as server:
+    with ServerProcess(ctx.root, ctx.ref, settings, ctx.log("fault-sigterm")) as server:
         server.wait_ready()
-        fig, checks = h.sigterm_streams(server, streams, drain_timeout, ctx.args.seed)
+        fig, checks = sigterm_streams(server, streams, drain_timeout, ctx.args.seed)
     _record(
         suite, "sigterm", f"(a) SIGTERM with {streams} streams in flight (DRAIN_TIMEOUT={drain_timeout:g})", fig, checks
     )
 
 
-def _record(suite: Suite, key: str, title: str, fig: dict, checks: list[h.Check]) -> None:
+def _record(suite: Suite, key: str, title: str, fig: dict, checks: list[Check]) -> None:
     suite.figures[key] = fig
-    print(h.table(title, list(fig.items())))
+    print(table(title, list(fig.items())))
     for check in checks:
         suite.check(*check)
 
 
 def fault_finetune_kill(ctx: Context, suite: Suite) -> None:
-    root = h.copy_model(ctx.root, ctx.ref, ctx.workdir / "ft-store")
-    fig, checks = h.finetune_kill(root, ctx.ref, ctx.workdir, list(h.STAGES), ctx.args.seed)
+    root = copy_model(ctx.root, ctx.ref, ctx.workdir / "ft-store")
+    fig, checks = finetune_kill(root, ctx.ref, ctx.workdir, list(STAGES), ctx.args.seed)
     rows = [
         (
             f"kill -9 at {k['stage']}",
@@ -363,7 +371,7 @@ def fault_finetune_kill(ctx: Context, suite: Suite) -> None:
         )
     )
     suite.figures["finetune_kill"] = fig
-    print(h.table("(b) kill -9 of finetune during its export", rows))
+    print(table("(b) kill -9 of finetune during its export", rows))
     for check in checks:
         suite.check(*check)
 
@@ -371,13 +379,13 @@ def fault_finetune_kill(ctx: Context, suite: Suite) -> None:
 def fault_corrupt(ctx: Context, suite: Suite) -> None:
     from model_store import ModelStore
 
-    root = h.copy_model(ctx.root, ctx.ref, ctx.workdir / "corrupt-store")
+    root = copy_model(ctx.root, ctx.ref, ctx.workdir / "corrupt-store")
     stored = ModelStore(root).resolve(ctx.ref)
     weights = stored.path / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    server = h.ServerProcess(root, stored.ref, ctx.settings(), ctx.log("fault-corrupt"))
+    server = ServerProcess(root, stored.ref, ctx.settings(), ctx.log("fault-corrupt"))
     try:
         code = server.proc.wait(180)
     except subprocess.TimeoutExpired:
@@ -393,7 +401,7 @@ def fault_corrupt(ctx: Context, suite: Suite) -> None:
     named = [line.strip() for line in lines if "model.safetensors" in line]
     text = "\n".join(lines)
     suite.figures["corrupt"] = {"exit_code": code, "message": named[-1][:300] if named else text[-300:]}
-    print(h.table("(c) corrupted weights", list(suite.figures["corrupt"].items())))
+    print(table("(c) corrupted weights", list(suite.figures["corrupt"].items())))
     suite.check("(c) refuses to start: exit status != 0", code not in (None, 0), f"exit {code}")
     suite.check("(c) the message names the file", bool(named), suite.figures["corrupt"]["message"][:200])
 
@@ -401,27 +409,27 @@ def fault_corrupt(ctx: Context, suite: Suite) -> None:
 def fault_reload(ctx: Context, suite: Suite, switches: int) -> None:
     from model_store import ModelStore
 
-    root = h.copy_model(ctx.root, ctx.ref, ctx.workdir / "reload-store")
+    root = copy_model(ctx.root, ctx.ref, ctx.workdir / "reload-store")
     store = ModelStore(root)
     name = ctx.ref.split("@", 1)[0]
     first = store.resolve(ctx.ref).ref
     others = [f"{name}@{v}" for v in store.versions(name) if f"{name}@{v}" != first]
-    other = others[0] if others else h.add_version_copy(root, ctx.ref)
+    other = others[0] if others else add_version_copy(root, ctx.ref)
     c = ctx.args.concurrency
     settings = ctx.settings(max_num_seqs=c, max_waiting_requests=8 * c)  # never full: every request must succeed
-    with h.ServerProcess(root, first, settings, ctx.log("fault-reload")) as server:
+    with ServerProcess(root, first, settings, ctx.log("fault-reload")) as server:
         server.wait_ready()
 
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-                info = await h.model_info(client)
+                info = await model_info(client)
 
                 def make(rng):  # never more in flight than admitted: every request must succeed
-                    return h.mixed_request(rng, info, abort_fraction=0.0)
+                    return mixed_request(rng, info, abort_fraction=0.0)
 
-                report = h.LoadReport()
+                report = LoadReport()
                 load = asyncio.ensure_future(
-                    h.drive(server.url, max(2, c // 2), 1e9, make, seed=ctx.args.seed, report=report)
+                    drive(server.url, max(2, c // 2), 1e9, make, seed=ctx.args.seed, report=report)
                 )
                 switched = []
                 for i in range(switches):
@@ -446,18 +454,18 @@ def fault_reload(ctx: Context, suite: Suite, switches: int) -> None:
                 load.cancel()  # the clients stop now: in-flight ones are cut by the client, not counted
                 with contextlib.suppress(asyncio.CancelledError):
                     await load
-                idle = await h.wait_idle(client)
+                idle = await wait_idle(client)
                 return report, switched, idle
 
         report, switched, (idle, gauges, _) = asyncio.run(main())
         code = server.stop()
-    fig = h.summarize(report.results, sum(s["seconds"] for s in switched))
+    fig = summarize(report.results, sum(s["seconds"] for s in switched))
     suite.figures["reload"] = {
         "switches": switched,
         **{k: fig[k] for k in ("sent", "completed", "rejected_429", "5xx", "other_errors")},
     }
     print(
-        h.table(
+        table(
             f"(d) hot reload x{switches} under load",
             [
                 (
@@ -476,7 +484,7 @@ def fault_reload(ctx: Context, suite: Suite, switches: int) -> None:
     suite.check(
         "(d) zero failed requests during the reloads",
         fig["sent"] > 0 and fig["completed"] == fig["sent"],
-        "; ".join(h.failures(report.results)),
+        "; ".join(failures(report.results)),
     )
     suite.check("(d) gauges back to 0, exit status 0", idle and code == 0, f"{gauges}, exit {code}")
 
@@ -484,16 +492,16 @@ def fault_reload(ctx: Context, suite: Suite, switches: int) -> None:
 def fault_engine(ctx: Context, suite: Suite) -> None:
     trigger = ctx.workdir / "engine-fault-trigger"
     c = ctx.args.concurrency
-    with h.ServerProcess(
+    with ServerProcess(
         ctx.root,
         ctx.ref,
         ctx.settings(max_num_seqs=c, max_waiting_requests=c),
         ctx.log("fault-engine"),
-        argv=["-c", h.FAULTY_SERVER],
+        argv=["-c", FAULTY_SERVER],
         extra_env={"RELIABILITY_FAULT_TRIGGER": str(trigger)},
     ) as server:
         server.wait_ready()
-        fig, checks = h.engine_fault(server, trigger, c, ctx.args.seed)
+        fig, checks = engine_fault(server, trigger, c, ctx.args.seed)
     _record(suite, "engine_fault", "(e) an engine step raises", fig, checks)
 
 
@@ -582,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     suites: list[Suite] = []
     try:
-        root, ref = h.choose_model(args.model, args.store, workdir, tiny=args.tiny)
+        root, ref = choose_model(args.model, args.store, workdir, tiny=args.tiny)
         ctx = Context(args, workdir, Path(root), ref)
         names = ["soak", "overload", "faults"] if args.suite == "all" else [args.suite]
         for name in names:
@@ -593,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             suites.append(suite)
     finally:
         if args.json:
-            args.json.write_text(h.as_json({s.name: s.as_dict() for s in suites}) + "\n")
+            args.json.write_text(as_json({s.name: s.as_dict() for s in suites}) + "\n")
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
         else:

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from model_store.registry import ModelStore, default_root
-
-from .conftest import serve
+from tests.support.live import serve
 
 
 @pytest.fixture(scope="module")

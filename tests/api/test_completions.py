@@ -8,7 +8,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from .conftest import serve
+from tests.support.live import serve
 
 
 def tokenizer(http_store) -> Tokenizer:

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import free_port
+from reliability.server import free_port
 
 MARKER = "zebra-marker-prompt"
 

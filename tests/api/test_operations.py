@@ -18,8 +18,7 @@ from transformers import GPT2LMHeadModel
 
 from service.app import create_app
 from service.config import ConfigError, ServiceConfig
-
-from .conftest import serve
+from tests.support.live import serve
 
 
 def metric(live, name: str) -> float:

@@ -1,0 +1,1 @@
+"""Deployment checks: the Dockerfile, docker-compose files and Kubernetes manifests, offline."""

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from conftest import EOS  # tests/conftest.py
 from tokenizers import Tokenizer
 
 from model_store.errors import StoreError
 from model_store.finetune.data import SampleOrder, micro_batch_positions, pack, read_documents
+from reliability.stores import EOS
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,20 @@
 """The global batch decides the numbers, not how it is split: 2 DDP processes (gloo, launched the way
 torchrun launches them) equal 1 process, and 8 x 1 accumulation equals 2 x 4."""
 
-import socket
-
 import pytest
 
-from .conftest import assert_same_weights, final_weights, fork_cli, grad_norms, losses, train_run, wait_status
+from reliability.server import free_port as _free_port
+from tests.support.finetune import (
+    assert_same_weights,
+    final_weights,
+    fork_cli,
+    grad_norms,
+    losses,
+    train_run,
+    wait_status,
+)
 
 SETTINGS = dict(steps=6, eval_every=3, negatives=2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ddp_processes_equal_one_at_the_same_global_batch(tiny_store, corpus, tmp_path, one_thread):

@@ -13,8 +13,7 @@ from model_store.finetune.export import restore_model
 from model_store.hf_format import load_hf_model
 from model_store.manifest import sha256_file
 from service.model import BatchLayout, KVCache, load_model
-
-from .conftest import TINY_FT, train_run
+from tests.support.finetune import TINY_FT, train_run
 
 
 def test_cli_from_scratch_exports_a_verified_version_with_lineage(tiny_store, corpus, tokenizer_dir, tmp_path, capsys):

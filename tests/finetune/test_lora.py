@@ -6,8 +6,7 @@ from transformers import GPT2LMHeadModel
 
 from model_store.finetune.export import restore_model
 from model_store.hf_format import load_hf_model
-
-from .conftest import train_run
+from tests.support.finetune import train_run
 
 
 def test_exported_merged_weights_equal_the_adapter_model(tiny_store, corpus, tmp_path):

@@ -12,8 +12,7 @@ from model_store.finetune.export import restore_model
 from model_store.finetune.model import load_tokenizer
 from model_store.finetune.objective import lm_loss, noise_generator, sample_noise, unlikelihood
 from model_store.finetune.train import _load_data
-
-from .conftest import train_run
+from tests.support.finetune import train_run
 
 # Same noise draws in both runs (noise depends on seed and data position only); lambda = 0 leaves it unused.
 RUN = dict(steps=30, batch_size=4, grad_accum=1, lr=1e-2, eval_every=10, checkpoint_every=30, negatives=4)

@@ -12,8 +12,15 @@ from model_store.errors import StoreError
 from model_store.finetune.checkpoint import CHECKPOINT_FILE, read_log
 from model_store.finetune.config import RunOptions
 from model_store.finetune.train import finetune
-
-from .conftest import BASE_RUN, assert_same_weights, final_weights, fork_cli, losses, train_run, wait_status
+from tests.support.finetune import (
+    BASE_RUN,
+    assert_same_weights,
+    final_weights,
+    fork_cli,
+    losses,
+    train_run,
+    wait_status,
+)
 
 EXTRA = dict(steps=16, dropout=0.1, negatives=2, negative_weight=0.5)
 

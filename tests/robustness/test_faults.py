@@ -16,7 +16,7 @@ minutes): the same invariants on a tiny random GPT-2 and tiny limits, without th
 test_corrupted_weights_refuse_to_start_naming_the_file; one reload under non-streaming load is
 tests/api/test_operations.py's.
 
-The harness is reliability/harness.py, loaded from its path by this folder's conftest.
+The machinery is the runner's: reliability/ (stores, server, traffic, load, figures, scenarios).
 """
 
 import asyncio
@@ -26,9 +26,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api.conftest import serve
 
-from .conftest import harness as h
+from reliability.figures import failures, rss_growth, summarize
+from reliability.load import LoadReport, drive, execute
+from reliability.scenarios.engine_fault import engine_fault
+from reliability.scenarios.finetune_kill import finetune_kill
+from reliability.scenarios.sigterm import sigterm_streams
+from reliability.server import FAULTY_SERVER, ServerProcess, model_info, wait_idle
+from reliability.stores import build_tiny_store, copy_model
+from reliability.traffic import fixed_request, mixed_request
+from tests.support.live import serve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,7 +51,7 @@ def assert_checks(checks) -> None:
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reliability-store")
-    h.build_tiny_store(root)  # tiny@1 (prod), tiny@2
+    build_tiny_store(root)  # tiny@1 (prod), tiny@2
     return root
 
 
@@ -61,7 +68,7 @@ def server(tiny_store, tmp_path_factory):
         "KV_CACHE_MEMORY": "16MiB",
         "NUM_THREADS": 1,
     }
-    with h.ServerProcess(tiny_store, "tiny@prod", settings, log) as proc:
+    with ServerProcess(tiny_store, "tiny@prod", settings, log) as proc:
         proc.wait_ready()
         yield proc
 
@@ -69,52 +76,52 @@ def server(tiny_store, tmp_path_factory):
 def run_load(server, clients: int, seconds: float, make, **kwargs):
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
-            info = await h.model_info(client)
-            report = await h.drive(
+            info = await model_info(client)
+            report = await drive(
                 server.url, clients, seconds, lambda rng: make(rng, info), server=server, request_timeout=60, **kwargs
             )
-            return report, await h.wait_idle(client, timeout=30)
+            return report, await wait_idle(client, timeout=30)
 
     return asyncio.run(main())
 
 
 def test_mini_soak(server):
-    report, (idle, gauges, _) = run_load(server, 2 * C, 20, lambda rng, info: h.mixed_request(rng, info, max_new=16))
-    fig = h.summarize(report.results, report.duration)
+    report, (idle, gauges, _) = run_load(server, 2 * C, 20, lambda rng, info: mixed_request(rng, info, max_new=16))
+    fig = summarize(report.results, report.duration)
     assert fig["completed"] >= 20, fig
-    assert fig["5xx"] == 0 and fig["other_errors"] == 0, h.failures(report.results)
+    assert fig["5xx"] == 0 and fig["other_errors"] == 0, failures(report.results)
     assert fig["client_aborts"] >= 1, fig  # 10% of the streams hang up mid-stream
     assert len(fig["by_kind"]) == 7, fig["by_kind"]  # every kind of request was sent
     assert idle, gauges
-    rss = h.rss_growth(report.rss, report.duration)
+    rss = rss_growth(report.rss, report.duration)
     assert rss["rss_growth_pct"] < 10, rss
 
 
 def test_mini_overload(server):
     report, (idle, gauges, _) = run_load(
-        server, 4 * C, 10, lambda rng, info: h.fixed_request(rng, info, 8, 24), retry_pause=(0.05, 0.2)
+        server, 4 * C, 10, lambda rng, info: fixed_request(rng, info, 8, 24), retry_pause=(0.05, 0.2)
     )
-    fig = h.summarize(report.results, report.duration)
+    fig = summarize(report.results, report.duration)
     assert fig["rejected_429"] >= 1 and fig["completed"] >= C, fig  # the excess is refused, the admitted finish
-    assert fig["5xx"] == 0 and fig["other_errors"] == 0, h.failures(report.results)  # every 429 had Retry-After
+    assert fig["5xx"] == 0 and fig["other_errors"] == 0, failures(report.results)  # every 429 had Retry-After
     assert idle, gauges
 
     async def one():  # recovery: right after the load, a single request succeeds
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            info = await h.model_info(client)
-            return await h.execute(client, h.fixed_request(random.Random(0), info, 8, 24), 0.0)
+            info = await model_info(client)
+            return await execute(client, fixed_request(random.Random(0), info, 8, 24), 0.0)
 
     assert asyncio.run(one()).outcome == "ok"
 
 
 def test_sigterm_with_8_streams_in_flight(server):  # ends the module's server: keep it the last user
-    fig, checks = h.sigterm_streams(server, 8, drain_timeout=3)
+    fig, checks = sigterm_streams(server, 8, drain_timeout=3)
     assert_checks(checks)
 
 
 def test_kill_9_finetune_during_export_leaves_the_store_intact(tiny_store, tmp_path):
-    root = h.copy_model(tiny_store, "tiny@prod", tmp_path / "store")
-    fig, checks = h.finetune_kill(
+    root = copy_model(tiny_store, "tiny@prod", tmp_path / "store")
+    fig, checks = finetune_kill(
         root, "tiny@prod", tmp_path, ["weights-written"], finish=False
     )  # the runner resumes too
     assert_checks(checks)
@@ -130,16 +137,16 @@ def test_engine_step_failure_errors_requests_and_exits_nonzero(tiny_store, tmp_p
         "KV_CACHE_MEMORY": "16MiB",
         "NUM_THREADS": 1,
     }
-    with h.ServerProcess(
+    with ServerProcess(
         tiny_store,
         "tiny@prod",
         settings,
         tmp_path / "server.log",
-        argv=["-c", h.FAULTY_SERVER],
+        argv=["-c", FAULTY_SERVER],
         extra_env={"RELIABILITY_FAULT_TRIGGER": str(trigger)},
     ) as proc:
         proc.wait_ready()
-        fig, checks = h.engine_fault(proc, trigger, 4)
+        fig, checks = engine_fault(proc, trigger, 4)
     assert_checks(checks)
     assert fig["exit_code"] == 1, fig
 
@@ -149,10 +156,10 @@ def test_hot_reload_back_and_forth_under_streaming_load(tiny_store):
 
         async def main():
             async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:
-                info = await h.model_info(client)
-                report = h.LoadReport()
-                make = lambda rng: h.mixed_request(rng, info, abort_fraction=0.0, max_new=16)  # noqa: E731
-                load = asyncio.ensure_future(h.drive(live.url, 3, 1e9, make, report=report))
+                info = await model_info(client)
+                report = LoadReport()
+                make = lambda rng: mixed_request(rng, info, abort_fraction=0.0, max_new=16)  # noqa: E731
+                load = asyncio.ensure_future(drive(live.url, 3, 1e9, make, report=report))
                 served = []
                 for target in ("tiny@2", "tiny@1", "tiny@2", "tiny@1"):
                     count = len(report.results)
@@ -171,8 +178,8 @@ def test_hot_reload_back_and_forth_under_streaming_load(tiny_store):
 
         report, served = asyncio.run(main())
     assert served == ["tiny@2", "tiny@1", "tiny@2", "tiny@1"]
-    fig = h.summarize(report.results, 0)
-    assert fig["completed"] == fig["sent"] >= 15, (fig, h.failures(report.results))
+    fig = summarize(report.results, 0)
+    assert fig["completed"] == fig["sent"] >= 15, (fig, failures(report.results))
     assert fig["by_kind"].get("completion_stream", 0) + fig["by_kind"].get("chat_stream", 0) >= 1, fig["by_kind"]
 
 

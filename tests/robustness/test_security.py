@@ -6,7 +6,7 @@ Already covered, not repeated here: API keys on every OpenAPI route and the cons
 (tests/api/test_operations.py::test_api_keys_guard_every_route_but_health_ready_metrics), the basic
 reference syntax (tests/unit/test_refs.py, tests/store/test_registry.py, tests/store/test_cli.py), pickled
 code in a `.bin` checkpoint never run (tests/store/test_import_hf.py), body size and slow bodies
-(tests/reliability/test_hostile.py)."""
+(tests/robustness/test_hostile.py)."""
 
 import ast
 import contextlib
@@ -22,12 +22,12 @@ import pytest
 from model_store import ModelStore
 from model_store.errors import InvalidReferenceError
 from model_store.refs import parse_ref
+from reliability.server import ServerProcess
 from service.api.chat import chat_prompt
 from service.api.errors import APIError
 from service.api.schemas import ChatMessage
-
-from .conftest import harness, serve
-from .test_hostile import exchange, json_body
+from tests.support.live import serve
+from tests.support.raw_http import exchange, json_body
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -156,9 +156,7 @@ def service_processes(store_root: Path, logs: dict[str, Path], **env: str):
     settings = {"DTYPE": "float32", "KV_CACHE_MEMORY": "16MiB", "NUM_THREADS": "1", "DRAIN_TIMEOUT": "2", **env}
     with contextlib.ExitStack() as stack:
         servers = {
-            level: stack.enter_context(
-                harness.ServerProcess(store_root, "tiny@prod", {**settings, "LOG_LEVEL": level}, path)
-            )
+            level: stack.enter_context(ServerProcess(store_root, "tiny@prod", {**settings, "LOG_LEVEL": level}, path))
             for level, path in logs.items()
         }
         for server in servers.values():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import audit
+from reliability import audit
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,27 +1,14 @@
 """The schema fuzzing suite's fast variant: reliability/fuzz.py's `run_fuzz` with ~100 schemathesis cases
 over every operation of a live server (no 5xx, responses conform to /openapi.json, no hang), then the
-server still ready with nothing running or waiting. The 2,000-case run: `python reliability/fuzz.py`.
+server still ready with nothing running or waiting. The 2,000-case run: `python -m reliability.fuzz`.
 
 Also what makes the schema check worth running: /openapi.json documents the errors the service sends."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from reliability import fuzz
 from service.app import ERROR_SCHEMA
-
-from .conftest import serve
-
-FUZZ = Path(__file__).resolve().parents[2] / "reliability" / "fuzz.py"
-
-
-def load_fuzz():
-    """reliability/ is a folder of scripts, not a package (tests/reliability is `reliability` to pytest)."""
-    spec = importlib.util.spec_from_file_location("reliability_fuzz", FUZZ)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.support.live import serve
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +39,6 @@ def test_openapi_documents_the_error_shape_not_422(live):
 
 def test_fuzz_100_cases_over_every_operation(live):
     pytest.importorskip("schemathesis")
-    fuzz = load_fuzz()
     report = fuzz.run_fuzz(live.url, 100, timeout=30, seed=1, log=lambda *_: None)
     assert not report.failures, report.summary()
     assert report.total >= 100 and len(report.cases) >= 11 and all(report.cases.values()), report.summary()

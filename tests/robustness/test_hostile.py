@@ -9,7 +9,6 @@ one pins the status of each case and covers every endpoint, the body limits and 
 
 import inspect
 import json
-import select
 import socket
 import time
 
@@ -20,8 +19,8 @@ import service.__main__
 import service.app
 import service.connections
 from service.connections import DeadlineH11Protocol
-
-from .conftest import serve
+from tests.support.live import serve
+from tests.support.raw_http import exchange, json_body
 
 TIMEOUT = 20.0  # seconds; a case that takes longer is a hang
 VOCAB = 400  # the tiny tokenizer's vocabulary (ids 0..399)
@@ -430,58 +429,6 @@ def test_hostile_query_strings_and_paths(client):
 
 
 # -- the HTTP layer, over a raw socket ------------------------------------------------------------------------
-def exchange(
-    url: str, parts: list[bytes], delay: float = 0.0, read_timeout: float = TIMEOUT
-) -> tuple[int | None, bytes, bool, float]:
-    """Send `parts` (sleeping `delay` between them, stopping early if the server answers), then read one
-    response: until its Content-Length is complete, the server closes, or `read_timeout`. Returns (status or None, the
-    response's bytes, whether the server closed the connection, seconds)."""
-    host, port = url.removeprefix("http://").split(":")
-    start = time.monotonic()
-    data, closed = b"", False
-    with socket.create_connection((host, int(port)), timeout=read_timeout) as sock:
-        try:
-            for part in parts:
-                if select.select([sock], [], [], 0)[0]:
-                    break  # the server answered (or closed): sending more would only earn a reset
-                sock.sendall(part)
-                time.sleep(delay)
-        except OSError:
-            pass  # the server hung up on us mid-send: that is an answer too
-        try:
-            while not complete(data):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    closed = True
-                    break
-                data += chunk
-            if not closed and b"\r\nconnection: close\r\n" in data.partition(b"\r\n\r\n")[0].lower() + b"\r\n":
-                closed = sock.recv(1) == b""  # the server said it closes: it must have
-        except TimeoutError:
-            pass
-        except OSError:
-            closed = True
-    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
-    return status, data, closed, time.monotonic() - start
-
-
-def complete(data: bytes) -> bool:
-    head, sep, body = data.partition(b"\r\n\r\n")
-    for line in head.lower().split(b"\r\n"):
-        if sep and line.startswith(b"content-length:"):
-            return len(body) >= int(line.split(b":")[1])
-    return False
-
-
-def json_body(data: bytes) -> dict:
-    """The first response's JSON body (a second response may follow it in `data`)."""
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
-    )
-    return json.loads(body[:length])
-
-
 RAW = [  # (id, request bytes, statuses allowed besides a 4xx): h11 answers 400 (plain text), the edge a 4xx (JSON)
     ("content-length-negative", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", ()),
     ("content-length-letters", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", ()),

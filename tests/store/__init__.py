@@ -1,0 +1,1 @@
+"""Model store tests: publishing, the registry and CLI, importing, evaluation and the default model."""

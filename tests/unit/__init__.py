@@ -1,0 +1,1 @@
+"""Unit tests of small pieces: detokenizer, manifest, references, sampler, scheduler."""
