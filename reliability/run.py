@@ -114,10 +114,15 @@ class Context:
 def kv_budget(root: Path, ref: str, sequences: int, dtype: str) -> str:
     """A KV budget holding `sequences` full-context sequences, plus a quarter: enough for the admitted
     load and small enough that the RSS check is not diluted by an unused gigabyte."""
+    import torch
+
     from model_store import ModelStore
+    from service.model import KVCache
 
     cfg = ModelStore(root).resolve(ref).manifest.config
-    per_token = 2 * cfg.n_layer * cfg.n_embd * (4 if dtype in ("auto", "float32") else 2)
+    # `auto` is counted at float32's width, the wider of what it can resolve to; the other dtypes are 2 bytes.
+    width = torch.float32 if dtype in ("auto", "float32") else torch.bfloat16
+    per_token = KVCache.bytes_per_token(cfg, width)
     return str(max(16 << 20, int(1.25 * sequences * cfg.n_positions * per_token)))
 
 
