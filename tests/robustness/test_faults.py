@@ -189,7 +189,7 @@ def test_overload_is_refused_at_once_and_streams_get_a_429_status(tiny_store):
     only see them after its step: seconds on a long prefill), and a refused stream gets 429 + Retry-After
     as its status, not a 200 whose first event is the error."""
     with serve(tiny_store, max_num_seqs=2, max_waiting_requests=1) as live:
-        async_engine = live.server.backend.engine
+        async_engine = live.server.served.engine
         engine = async_engine.engine
         gate, inside, step = threading.Event(), threading.Event(), engine.step
 

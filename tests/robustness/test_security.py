@@ -348,13 +348,9 @@ def test_chat_templates_cannot_reach_python(http_store, template):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(http_store[1][1] / "tokenizer.json"))
-    backend = SimpleNamespace(
-        loaded=SimpleNamespace(
-            tokenizer=tok, manifest=SimpleNamespace(tokenizer=SimpleNamespace(eos_token_id=0, chat_template=template))
-        )
-    )
+    model = SimpleNamespace(tokenizer=tok, eos_token_id=0, chat_template=template)  # what chat_prompt reads
     with pytest.raises(APIError) as err:
-        chat_prompt([ChatMessage(role="user", content="hi")], backend)
+        chat_prompt([ChatMessage(role="user", content="hi")], model)
     assert err.value.status == 400 and err.value.param == "messages"
     assert not Path("/tmp/pwned").exists()
 
