@@ -10,19 +10,20 @@ accumulation, measured: no `/ grad_accum` on the loss gives 4x gradient norms, `
 1.3e-2 apart, a logged sum instead of a mean 19.8 apart, and DDP without the gradient all-reduce 0.12 apart.
 """
 
-import socket
-
 import pytest
 
-from .conftest import assert_same_weights, final_weights, fork_cli, grad_norms, losses, train_run, wait_status
+from reliability.server import free_port as _free_port
+from tests.support.finetune import (
+    assert_same_weights,
+    final_weights,
+    fork_cli,
+    grad_norms,
+    losses,
+    train_run,
+    wait_status,
+)
 
 SETTINGS = dict(steps=6, eval_every=3, negatives=2, bf16="off")  # float32 on every CPU, see above
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ddp_processes_equal_one_at_the_same_global_batch(tiny_store, corpus, tmp_path, one_thread):
