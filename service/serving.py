@@ -27,6 +27,7 @@ from service.engine import (
     EngineOutput,
     EngineRequest,
     SamplingParams,
+    StepStats,
     TokenStrings,
 )
 from service.metrics import Metrics
@@ -183,16 +184,18 @@ class ModelServer:
         self.state = State.STOPPED
 
     async def _open(self, ref: str) -> ServedModel:
-        """Load `ref`, warm its engine up with one request (outside the metrics), and start its thread."""
+        """Load `ref`, warm its engine up with one request (its steps reach the step metrics, its sequence
+        is not counted as a request), and start its thread."""
         loaded = await asyncio.to_thread(
             load_model, self.store, ref, device=self.config.device, dtype=self.config.dtype
         )
         engine_config = self.config.engine_config(loaded.model.cfg.n_positions)
         engine = Engine(loaded, engine_config)
-        warmup = EngineRequest("warmup", [loaded.manifest.tokenizer.eos_token_id or 0], WARMUP)
-        await asyncio.to_thread(_run_alone, engine, warmup)
         labels = (loaded.manifest.name, str(loaded.manifest.version))
-        async_engine = AsyncEngine(engine, self._hooks(labels))
+        hooks = self._hooks(labels)
+        warmup = EngineRequest("warmup", [loaded.manifest.tokenizer.eos_token_id or 0], WARMUP)
+        await asyncio.to_thread(_run_alone, engine, warmup, hooks.on_step)
+        async_engine = AsyncEngine(engine, hooks)
         model = ServedModel(loaded, async_engine, engine_config.scheduler.max_model_len, TokenStrings(loaded.tokenizer))
         async_engine.start()
         model.idle.set()
@@ -262,8 +265,9 @@ class ModelServer:
 WARMUP = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
 
-def _run_alone(engine: Engine, request: EngineRequest) -> None:
+def _run_alone(engine: Engine, request: EngineRequest, on_step: Callable[[StepStats], None]) -> None:
     """Run one request to the end on an engine no thread drives yet."""
     engine.add(request)
     while engine.has_work:
         engine.step()
+        on_step(engine.last_step)

@@ -88,7 +88,7 @@ async def submit_reply(
     limit = request.app.state.server.config.max_waiting_requests
     if len(jobs) * n > limit:
         raise invalid(f"the request asks for {len(jobs) * n} sequences (prompts × n); the limit is {limit}", "n")
-    reply = Reply(model, prompts, jobs, n, await submit(model, jobs))
+    reply = Reply(model, prompts, jobs, n, await submit(request, model, jobs))
     request.state.usage = reply.usage
     return reply
 
@@ -153,6 +153,8 @@ async def collect_choices(reply: Reply) -> list[Choice]:
     choices = reply.choices()
     async for out in reply.handle:
         choices[reply.index(out)].add(out)
+    if reply.handle.aborted:  # the client left: no usage to log
+        return choices
     if reply.jobs[0].params.max_tokens == 0:  # scoring only: one engine sequence stands for every sample
         for i in range(len(reply.jobs)):
             for j in range(1, reply.n):

@@ -67,7 +67,7 @@ class _Scorer:
         """Each job's scored prompt tokens; the jobs are queued together (all admitted, or a 429)."""
         position = {job.request_id: i for i, job in enumerate(jobs)}
         results: list[list[TokenLogprob]] = [[] for _ in jobs]
-        handle = await submit(self.model, jobs)
+        handle = await submit(self.request, self.model, jobs)
         async with abort_on_disconnect(self.request, handle):
             async for out in handle:
                 if out.prompt_logprobs is not None:

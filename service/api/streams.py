@@ -22,13 +22,34 @@ from service.serving import Lease, ServedModel
 from .errors import APIError, ClientGone, engine_error, error_body
 
 
-async def submit(model: ServedModel, requests: list[EngineRequest]) -> RequestHandle:
+async def submit(request: Request, model: ServedModel, requests: list[EngineRequest]) -> RequestHandle:
     """Queue `requests` on the model's engine, together; once this returns, every one of them is queued.
-    A refusal (queue full, too large, engine gone) is raised as the client's APIError."""
+    A refusal (queue full, too large, engine gone) is raised as the client's APIError; a client that
+    disconnects meanwhile (admission waits for the engine's current step) gets its requests aborted and
+    ClientGone."""
+    admission = asyncio.ensure_future(model.engine.submit(*requests))
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        return await model.engine.submit(*requests)
+        await asyncio.wait({admission, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        admission.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not admission.done():
+        admission.cancel()  # AsyncEngine.submit aborts what it queued
+        await asyncio.wait({admission})
+        raise ClientGone()
+    try:
+        return admission.result()
     except Exception as exc:
         raise engine_error(exc) from exc
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body is read by then: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @contextlib.asynccontextmanager
@@ -39,8 +60,7 @@ async def abort_on_disconnect(request: Request, handle: RequestHandle) -> AsyncI
     gone = asyncio.Event()
 
     async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        await _disconnected(request)
         gone.set()
         handle.abort()
 
@@ -73,11 +93,13 @@ class EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._handle.abort()
-            with contextlib.suppress(Exception):
-                await self.body_iterator.aclose()
-                await self._chunks.aclose()
-            self._lease.release()
+            try:
+                self._handle.abort()
+                for chunks in (self.body_iterator, self._chunks):
+                    with contextlib.suppress(Exception):
+                        await chunks.aclose()
+            finally:
+                self._lease.release()
 
 
 async def _framed(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

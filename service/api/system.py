@@ -90,8 +90,8 @@ async def tokenizer_info(request: Request) -> dict:
 
 @router.post("/tokenize")
 async def tokenize(req: TokenizeRequest, request: Request) -> dict:
-    """The prompt's token ids as completions see them; `add_special_tokens` also applies the tokenizer's
-    post-processor (GPT-2's adds nothing; completions never apply it)."""
+    """The prompt's token ids; with `add_special_tokens` (the default, as vLLM's) also what the tokenizer's
+    post-processor adds: nothing for GPT-2's own tokenizers. Completions never apply the post-processor."""
     model = request.app.state.server.current()
     tokens = encode(model.tokenizer, req.prompt, req.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": model.max_model_len}

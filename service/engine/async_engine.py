@@ -53,19 +53,27 @@ class RequestHandle:
         self._items: deque[EngineOutput | BaseException] = deque()
         self._waiter: asyncio.Future | None = None
         self._admitted: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._aborted = False
 
     @property
     def finished(self) -> bool:
         """Nothing more will arrive: every sample finished, or the handle was aborted or failed."""
         return not self._unfinished
 
+    @property
+    def aborted(self) -> bool:
+        """`abort()` stopped requests that had not finished."""
+        return self._aborted
+
     def abort(self) -> None:
         """Stop the requests still running (their KV is free before the next step); the iteration ends."""
-        if self._unfinished:
-            self._engine._abort(self, tuple(self._unfinished))
-            self._unfinished.clear()
+        request_ids = tuple(self._unfinished)
+        self._unfinished.clear()
         self._items.clear()
         self._wake()
+        if request_ids:
+            self._aborted = True
+            self._engine._abort(request_ids)
 
     def __aiter__(self) -> "RequestHandle":
         return self
@@ -185,12 +193,11 @@ class AsyncEngine:
         return handle
 
     # -- event loop ---------------------------------------------------------------------------------------
-    def _abort(self, handle: RequestHandle, request_ids: tuple[str, ...]) -> None:
+    def _abort(self, request_ids: tuple[str, ...]) -> None:
         for request_id in request_ids:
             self._handles.pop(request_id, None)
         self._commands.put(_Abort(request_ids))
-        if self._hooks.on_abort is not None:
-            self._hooks.on_abort(len(request_ids))
+        self._observe(self._hooks.on_abort, len(request_ids))
 
     def _admit(self, admissions: list[tuple[RequestHandle, BaseException | None]]) -> None:
         for handle, error in admissions:
@@ -205,19 +212,32 @@ class AsyncEngine:
             handle._admitted.set_exception(error)
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:
-        """One step's outputs, into their handles; each handle's reader is woken once."""
+        """One step's outputs, into their handles; each handle's reader is woken once, then the observers
+        see the finished sequences."""
         woken: dict[int, RequestHandle] = {}
+        finished = []
         for output in outputs:
             handle = self._handles.get(output.request_id)
             if handle is None:  # aborted since
                 continue
             if handle._push(output):
                 del self._handles[output.request_id]
-            if output.stats is not None and self._hooks.on_finish is not None:
-                self._hooks.on_finish(output)
+            if output.stats is not None:
+                finished.append(output)
             woken[id(handle)] = handle
         for handle in woken.values():
             handle._wake()
+        for output in finished:
+            self._observe(self._hooks.on_finish, output)
+
+    @staticmethod
+    def _observe(hook: Callable | None, *args) -> None:
+        """An observer's failure is logged; it never stops a delivery or leaves a request waiting."""
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:
+                logger.exception("an engine observer failed")
 
     def _fail_all(self, exc: BaseException) -> None:
         handles = {id(h): h for h in self._handles.values()}
@@ -292,8 +312,8 @@ class AsyncEngine:
         self._occupancy = _Occupancy(len(scheduler.waiting), len(scheduler.running), self._applied)
 
     def _report(self, stats: StepStats | None) -> None:
-        if self._hooks.on_step is not None and stats is not None:
-            self._hooks.on_step(stats)
+        if stats is not None:
+            self._observe(self._hooks.on_step, stats)
 
     def _to_loop(self, callback: Callable, *args) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell

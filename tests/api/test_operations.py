@@ -127,6 +127,47 @@ def test_client_disconnect_aborts_and_frees_kv(live):
     wait_until(lambda: metric(live, "gpt2_serve_kv_cache_usage_ratio") == 0.0)
 
 
+def test_a_client_that_leaves_while_waiting_for_admission_is_aborted_at_once(http_store):
+    """Admission waits for the engine's current step (seconds on a long prefill): a client that hangs up
+    meanwhile has its request aborted then, not after the step."""
+    with serve(http_store[0]) as live:
+        async_engine = live.server.served.engine
+        engine, gate, inside = async_engine.engine, threading.Event(), threading.Event()
+        step = engine.step
+
+        def held_step():
+            inside.set()
+            assert gate.wait(60)
+            return step()
+
+        engine.step = held_step
+        first = threading.Thread(target=live.client.post, args=("/v1/completions",), kwargs={"json": {"prompt": "x"}})
+        try:
+            first.start()
+            assert inside.wait(30), "the engine never stepped"
+            aborts, submitted = metric(live, "gpt2_serve_aborts_total"), async_engine._submitted
+            host, port = live.url.removeprefix("http://").split(":")
+            body = b'{"prompt": [1, 2], "max_tokens": 4}'
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+                wait_until(lambda: async_engine._submitted > submitted)  # it waits for admission now
+            wait_until(lambda: metric(live, "gpt2_serve_aborts_total") == aborts + 1)  # the engine is still held
+        finally:
+            engine.step = step
+            gate.set()
+            first.join(60)
+        wait_until(
+            lambda: (
+                metric(live, "gpt2_serve_num_requests_running") == 0
+                and metric(live, "gpt2_serve_num_requests_waiting") == 0
+                and metric(live, "gpt2_serve_kv_cache_usage_ratio") == 0.0
+            )
+        )
+
+
 def test_metrics_names_and_promtool(live):
     live.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
     text = live.client.get("/metrics").text

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from service.engine import AsyncEngine, EngineDead, EngineRequest, QueueFull, SamplingParams, TooLarge
+from service.engine import AsyncEngine, EngineDead, EngineHooks, EngineRequest, QueueFull, SamplingParams, TooLarge
 
 from .test_engine import GREEDY, make_engine, random_prompts, run_all
 
@@ -157,3 +157,28 @@ def test_a_submission_is_queued_whole_or_not_at_all(tiny):
             engine.stop()
 
     assert asyncio.run(main()) == (0.0, {}, False)
+
+
+def test_a_failing_observer_leaves_no_request_waiting(tiny):
+    loaded, _ = tiny
+    prompts = random_prompts(4, loaded.model.cfg.vocab_size, 23, 5, 5)
+    expected = run_all(make_engine(loaded), {0: [(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]})
+
+    def broken(*_):
+        raise RuntimeError("observer bug")
+
+    async def main():
+        engine = AsyncEngine(make_engine(loaded), EngineHooks(on_step=broken, on_finish=broken, on_abort=broken))
+        engine.start()
+        try:
+            got = await asyncio.wait_for(
+                asyncio.gather(*(collect(engine, f"r{i}", p, GREEDY) for i, p in enumerate(prompts))), timeout=60
+            )
+            handle = await engine.submit(EngineRequest("left", [1, 2, 3], SamplingParams(max_tokens=50)))
+            handle.abort()
+            return got, handle.finished
+        finally:
+            engine.stop()
+
+    got, left_finished = asyncio.run(main())
+    assert {f"r{i}": g for i, g in enumerate(got)} == expected and left_finished
