@@ -50,7 +50,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,31 +60,17 @@ from pathlib import Path
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).resolve().parent.parent)]  # bench/, the repo
 from common import machine, random_gpt2_small  # noqa: E402
+
+from reliability.figures import pct  # noqa: E402
+from reliability.server import free_port  # noqa: E402
 
 PROMPT_LEN = 32
 VOCAB = 50256  # prompt ids in [0, 50256): EOS excluded
 REPO = Path(__file__).resolve().parent.parent
 NAIVE_SERVER = Path(__file__).resolve().parent / "naive_server.py"
 HOST = "127.0.0.1"
-
-
-def pct(xs: list[float], p: float) -> float:
-    """Percentile with linear interpolation."""
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p / 100
-    f = int(k)
-    c = min(f + 1, len(xs) - 1)
-    return xs[f] + (xs[c] - xs[f]) * (k - f)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # ---- CPU noise: busy CPU time of everything but the server and this process ----------------------------
