@@ -18,7 +18,7 @@ from service.model.loader import LoadedModel
 from .detokenizer import IncrementalDetokenizer, StopChecker, TokenBytes
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner
-from .sampler import Sampler, SamplingRow, logprobs_topn, make_generator
+from .sampler import Sampler, SampleResult, SamplingRow, logprobs_topn, make_generator
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .types import EngineOutput, EngineRequest, FinishReason, RequestStats, StepStats, TokenLogprob
@@ -195,7 +195,7 @@ class Engine:
             stats=self._final_stats(state),
         )
 
-    def _update(self, seq: Sequence, i: int, sampled) -> EngineOutput:
+    def _update(self, seq: Sequence, i: int, sampled: SampleResult) -> EngineOutput:
         state = self._state(seq)
         token = sampled.token_ids[i]
         seq.token_ids.append(token)
