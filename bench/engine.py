@@ -49,9 +49,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
-from service.engine.engine import Engine, EngineConfig
-from service.engine.scheduler import SchedulerConfig
-from service.engine.types import SamplingParams
+from service.engine import Engine, EngineConfig, EngineRequest, SamplingParams, SchedulerConfig
 from service.model import KVCache, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,7 +64,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tup
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.add(f"r{i}", p, params)
+        engine.add(EngineRequest(f"r{i}", p, params))
     first: dict[str, float] = {}
     generated = 0
     while engine.has_work:
@@ -98,7 +96,7 @@ def score_engine(engine: Engine, texts: list[list[int]]) -> tuple[float, list[li
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
     start = time.perf_counter()
     for i, t in enumerate(texts):
-        engine.add(f"s{i}", t, params)
+        engine.add(EngineRequest(f"s{i}", t, params))
     got: dict[str, list[float]] = {}
     while engine.has_work:
         for out in engine.step():
@@ -118,7 +116,7 @@ def score_hf(model: GPT2LMHeadModel, texts: list[list[int]]) -> tuple[float, lis
 
 def time_to_first_token(engine: Engine, prompt: list[int], rid: str) -> float:
     start = time.perf_counter()
-    engine.add(rid, prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    engine.add(EngineRequest(rid, prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)))
     while engine.has_work:
         engine.step()
     return time.perf_counter() - start
