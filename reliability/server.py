@@ -31,7 +31,7 @@ def free_port() -> int:
 # exists, the next engine step raises (once). A test hook of the runner only: the service has none.
 FAULTY_SERVER = """
 import os, sys
-from service.engine.engine import Engine
+from service.engine import Engine
 trigger, step = os.environ["RELIABILITY_FAULT_TRIGGER"], Engine.step
 def failing_step(self):
     if os.path.exists(trigger):
