@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 PIP_VERSION := $(shell sed -n 's/^ARG PIP_VERSION=\([^[:space:]]*\).*/\1/p' Dockerfile | head -n 1)
 $(if $(PIP_VERSION),,$(error Dockerfile has no ARG PIP_VERSION=))
 
-.PHONY: test lint install serve default-model clean-venv
+.PHONY: test lint install serve default-model baselines clean-venv
 
 test: lint $(VENV)/bin/promtool
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -43,6 +43,14 @@ $(INSTALLED): pyproject.toml Dockerfile | $(PY)
 	$(PY) -m pip install --quiet 'pip==$(PIP_VERSION)'
 	$(PY) -m pip install --quiet --editable '.[dev]'
 	touch $(INSTALLED)
+
+# The engine benchmark's baselines, once per machine, in build/ (not project dependencies): CTranslate2 in
+# its own venv (bench/baselines-requirements.txt), llama.cpp built from PyPI's llama-cpp-python source
+# (about 20 minutes on 2 cores). Then: bench/engine.py --ct2-python build/ct2venv/bin/python --llama-cpp build/llama-cpp
+baselines: $(INSTALLED)
+	test -x build/ct2venv/bin/python || $(PYTHON) -m venv build/ct2venv
+	build/ct2venv/bin/pip install --quiet -r bench/baselines-requirements.txt
+	$(PY) bench/llama_cpp.py build
 
 clean-venv:
 	rm -rf $(VENV)

@@ -42,6 +42,19 @@ def machine() -> str:
     )
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """The CPU's vector and matrix extensions that matter to these kernels, as /proc/cpuinfo names them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in SIMD_FLAGS if f in flags) or "none of " + ", ".join(SIMD_FLAGS)
+
+
 def random_gpt2_small(tmp: Path) -> tuple[ModelStore, GPT2LMHeadModel]:
     """GPT-2-small shape with random weights (seed 0), saved in HF format and imported as `bench` into a
     store under `tmp`. Returns the store and the HF model on the same weights. No download."""

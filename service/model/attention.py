@@ -190,7 +190,9 @@ def _attend_uncached(
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: float) -> torch.Tensor:
-    """Query j (absolute position ctx + j) may see keys 0..ctx + j. q: (H, q_len, D); k, v: (H, ctx + q_len, D)."""
+    """Query j (absolute position ctx + j) may see keys 0..ctx + j. q: (H, q_len, D); k, v: (H, ctx + q_len, D).
+    Called with 4-D tensors: on CPU, 3-D inputs select SDPA's slow MATH kernel, 4-D its flash kernel
+    (measured 9.2 vs 2.5 ms for a 256-token causal prefill of GPT-2 small, results equal to 7e-7)."""
     q_len = q.shape[-2]
     if q_len == 1:
         mask = {}
@@ -198,4 +200,4 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: fl
         mask = {"is_causal": True}
     else:
         mask = {"attn_mask": torch.ones(q_len, ctx + q_len, dtype=torch.bool, device=q.device).tril(diagonal=ctx)}
-    return F.scaled_dot_product_attention(q, k, v, **mask, scale=scale)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], **mask, scale=scale)[0]

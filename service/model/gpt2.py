@@ -118,6 +118,12 @@ class GPT2(nn.Module):
             return (head @ hidden.t()).t().contiguous()  # the sampler reduces over rows: keep them contiguous
         return F.linear(hidden, head)
 
+    def describe_backend(self) -> str:
+        """How the linear layers are computed, for benchmark reports."""
+        layout = "(W x^T)^T" if self.h[0].mlp.fc.weight_left else "x W^T"
+        isa = torch.backends.cpu.get_cpu_capability()
+        return f"torch F.linear/addmm ({isa}), {layout} for >= {WEIGHT_LEFT_MIN_ROWS} rows"
+
     def choose_layout(self, rows: int = 64) -> bool:
         """Time one block's linears both ways at `rows` rows (CPU only) and keep the faster for every
         layer; cached per process and shape, so every engine in a process computes the same numbers."""
