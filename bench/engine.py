@@ -141,7 +141,7 @@ def measure_generation(store, dtype: str, hf, batches: list[int], new_tokens: in
     for batch in batches:
         prompts = torch.randint(0, 50257, (batch, PROMPT_LEN), generator=rng).tolist()
         engine = Engine(loaded, config)
-        result.backend = engine.runner.model.describe_backend()
+        result.backend = engine.kernels
         run_engine(engine, prompts[:1], 4)  # warm-up
         result.gen[batch], ttft = run_engine(engine, prompts, new_tokens)
         result.ttft[batch] = (statistics.median(ttft), p95(ttft))

@@ -6,7 +6,6 @@ plain `EngineOutput` deltas. It does no I/O and knows nothing of HTTP; the engin
 facade (`async_engine.py`) drive it.
 """
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torch
 from service.model import KVCache
 from service.model.loader import LoadedModel
 
+from . import cpu
 from .detokenizer import IncrementalDetokenizer, StopChecker, TokenBytes
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner
@@ -49,8 +49,8 @@ class _OutputState:
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> None:
         cfg = loaded.model.cfg
-        torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
-        loaded.model.choose_layout(rows=min(64, config.scheduler.max_num_seqs))
+        cpu.configure(config.num_threads)
+        self.kernels = loaded.model.prepare_kernels(rows=min(64, config.scheduler.max_num_seqs))
         bytes_per_block = KVCache.bytes_per_token(cfg, loaded.dtype) * config.block_size
         num_blocks = config.kv_cache_bytes // bytes_per_block
         assert num_blocks > 0, "kv_cache_bytes is too small for one block"
@@ -154,7 +154,7 @@ class Engine:
                 self._record_prompt_logprobs(seq, *chunk)
         self.scheduler.record_computed(batch)
         outputs = [self._finish_scoring(s) for s in batch.seqs if s.score_only and s.num_uncomputed == 0]
-        sampling = [(s, lg) for s, lg in zip(batch.seqs, result.last_logits) if lg is not None and not s.score_only]
+        sampling = [(s, r) for s, r in zip(batch.seqs, result.last_rows) if r is not None and not s.score_only]
         if sampling:
             rows = [
                 SamplingRow(
@@ -166,7 +166,10 @@ class Engine:
                 )
                 for s, _ in sampling
             ]
-            sampled = self.sampler(torch.stack([logits for _, logits in sampling]), rows)
+            logits = result.last_logits  # (num_complete, vocab): all of them sample, unless some only score
+            if len(sampling) < logits.shape[0]:
+                logits = logits[torch.tensor([r for _, r in sampling], device=logits.device)]
+            sampled = self.sampler(logits, rows)
             outputs += [self._update(s, i, sampled) for i, (s, _) in enumerate(sampling)]
         return outputs
 

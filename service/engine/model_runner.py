@@ -16,10 +16,12 @@ from .scheduler import ScheduledBatch
 
 @dataclass
 class RunnerOutput:
-    """Float32 logits for each scheduled sequence that reached the end of its tokens this step (the ones
-    that sample), in batch order; `None` for a sequence still part-way through a prefill chunk."""
+    """Logits (model dtype) of every scheduled sequence that reached the end of its tokens this step (the
+    ones that sample), one row each, in batch order; `last_rows[i]` is sequence i's row, `None` for a
+    sequence still part-way through a prefill chunk. One tensor, so the sampler reads it without a copy."""
 
-    last_logits: list[torch.Tensor | None]
+    last_logits: torch.Tensor  # (num_complete, vocab)
+    last_rows: list[int | None]
     # Per sequence that wants prompt logprobs: (first position, float32 logits (n, vocab)) for the
     # positions in this chunk that predict a wanted prompt token; None otherwise.
     prompt_logits: list[tuple[int, torch.Tensor] | None]
@@ -42,10 +44,10 @@ class ModelRunner:
         ends = torch.tensor(counts).cumsum(0) - 1
         complete = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts)]
         rows = ends[torch.tensor(complete)].to(self.device)
-        logits = self.model.compute_logits(hidden[rows]).float()  # (num_complete, vocab)
-        it = iter(logits)
-        last = [next(it) if done else None for done in complete]
-        return RunnerOutput(last, self._prompt_logits(seqs, counts, hidden))
+        logits = self.model.compute_logits(hidden[rows])  # (num_complete, vocab)
+        numbered = iter(range(len(seqs)))
+        last_rows = [next(numbered) if done else None for done in complete]
+        return RunnerOutput(logits, last_rows, self._prompt_logits(seqs, counts, hidden))
 
     def _prompt_logits(self, seqs, counts, hidden: torch.Tensor) -> list[tuple[int, torch.Tensor] | None]:
         out, start = [], 0

@@ -202,7 +202,7 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         raw = logits.float()  # (B, V)
         processed = apply_penalties(raw, rows)  # (B, V)
-        token_ids = processed.argmax(dim=-1)  # (B,); greedy answer, first index on ties
+        token_ids = processed.max(dim=-1).indices  # (B,); greedy answer, first index on ties (faster than argmax)
         sampling = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampling:
             idx = torch.tensor(sampling, dtype=torch.long, device=raw.device)  # (S,)

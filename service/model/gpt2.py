@@ -6,44 +6,17 @@ resolved at import).
 """
 
 import math
-import time
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model_store.manifest import ArchConfig
 
+from . import linear
 from .attention import BatchLayout, CacheIndex, KVCache, attend, cache_index
+from .linear import ACTIVATIONS, Head, Linear
 
-ACTIVATIONS = {
-    "gelu_new": partial(F.gelu, approximate="tanh"),
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-    "gelu_fast": partial(F.gelu, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-}
-
-
-WEIGHT_LEFT_MIN_ROWS = 16  # below this both layouts are memory-bound and equal
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` that can compute the same product as (W x^T)^T instead of x W^T. With MKL on some CPUs
-    the weight-on-the-left form is much faster for batches of rows (measured on a 2-core AVX2 EPYC, 48
-    GPT-2-small linears at 64 rows: 154 -> 99 ms); on others it is not. `choose_layout` times both once per
-    process and model shape and sets `weight_left`; the output is then a transposed view."""
-
-    weight_left = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_left and x.shape[0] >= WEIGHT_LEFT_MIN_ROWS:
-            return torch.addmm(self.bias[:, None], self.weight, x.t()).t()  # (T, out), transposed view
-        return F.linear(x, self.weight, self.bias)
+__all__ = ["ACTIVATIONS", "GPT2"]
 
 
 class Attention(nn.Module):
@@ -57,11 +30,17 @@ class Attention(nn.Module):
             self.scale /= layer + 1
 
     def forward(
-        self, x: torch.Tensor, layout: BatchLayout, cache: KVCache | None, index: CacheIndex | None
+        self,
+        x: torch.Tensor,
+        layout: BatchLayout,
+        cache: KVCache | None,
+        index: CacheIndex | None,
+        residual: torch.Tensor,
     ) -> torch.Tensor:
+        """residual + attention(x); x, residual: (T, n_embd)."""
         q, k, v = self.qkv(x).reshape(x.shape[0], 3, self.n_head, self.head_dim).unbind(1)  # (T, H, D) each
         out = attend(q, k, v, layer=self.layer, layout=layout, cache=cache, index=index, scale=self.scale)
-        return self.proj(out)
+        return self.proj(out, residual=residual)
 
 
 class MLP(nn.Module):
@@ -69,10 +48,11 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = Linear(cfg.n_embd, cfg.n_inner)
         self.proj = Linear(cfg.n_inner, cfg.n_embd)
-        self.act = ACTIVATIONS[cfg.activation_function]
+        self.activation = cfg.activation_function
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.act(self.fc(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + MLP(x); x, residual: (T, n_embd)."""
+        return self.proj(self.fc(x, activation=self.activation), residual=residual)
 
 
 class Block(nn.Module):
@@ -86,8 +66,8 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, layout: BatchLayout, cache: KVCache | None, index: CacheIndex | None
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layout, cache, index)
-        return x + self.mlp(self.ln_2(x))
+        x = self.attn(self.ln_1(x), layout, cache, index, residual=x)
+        return self.mlp(self.ln_2(x), residual=x)
 
 
 class GPT2(nn.Module):
@@ -100,6 +80,7 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self._head: Head | None = None  # the head's kernels, built on first use
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout, cache: KVCache | None = None
@@ -113,46 +94,32 @@ class GPT2(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, n_embd) -> (N, vocab_size) in the model's dtype; callers select the rows they need first."""
-        head = self.lm_head.weight if not self.cfg.tie_word_embeddings else self.wte.weight
-        if self.h[0].mlp.fc.weight_left and hidden.shape[0] >= WEIGHT_LEFT_MIN_ROWS:
-            return (head @ hidden.t()).t().contiguous()  # the sampler reduces over rows: keep them contiguous
-        return F.linear(hidden, head)
+        return self.head(hidden)
 
-    def describe_backend(self) -> str:
-        """How the linear layers are computed, for benchmark reports."""
-        layout = "(W x^T)^T" if self.h[0].mlp.fc.weight_left else "x W^T"
-        isa = torch.backends.cpu.get_cpu_capability()
-        return f"torch F.linear/addmm ({isa}), {layout} for >= {WEIGHT_LEFT_MIN_ROWS} rows"
+    @property
+    def head(self) -> Head:
+        if self._head is None or self._head.weight is not self._head_weight():
+            self._head = Head(self._head_weight())
+        return self._head
 
-    def choose_layout(self, rows: int = 64) -> bool:
-        """Time one block's linears both ways at `rows` rows (CPU only) and keep the faster for every
-        layer; cached per process and shape, so every engine in a process computes the same numbers."""
-        key = (self.cfg.n_embd, self.cfg.n_inner, rows, self.wte.weight.dtype, torch.get_num_threads())
-        if key not in _LAYOUT_CHOICE:
-            _LAYOUT_CHOICE[key] = self.wte.weight.device.type == "cpu" and _weight_left_faster(self.h[0], rows)
+    def _head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if not self.cfg.tie_word_embeddings else self.wte.weight
+
+    def prepare_kernels(self, rows: int = 64) -> str:
+        """Choose and set up the linear kernels for this machine (see `linear`), timed at 1 and `rows` rows;
+        cached per process and shape, so every engine in a process computes the same numbers. Returns their
+        description."""
+        dtype, threads = self.wte.weight.dtype, torch.get_num_threads()
+        key = (self.cfg.n_embd, self.cfg.n_inner, self.cfg.vocab_size, rows, dtype, threads)
+        block = self.h[0]
+        blocks = linear.choose([block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj], ("block", *key), rows)
+        head = linear.choose([self.head], ("head", *key), rows)
         for module in self.modules():
             if isinstance(module, Linear):
-                module.weight_left = _LAYOUT_CHOICE[key]
-        return _LAYOUT_CHOICE[key]
+                module.use(blocks)
+        self.head.use(head)
+        return self.describe_kernels()
 
-
-_LAYOUT_CHOICE: dict[tuple, bool] = {}
-
-
-@torch.inference_mode()
-def _weight_left_faster(block: Block, rows: int) -> bool:
-    linears = [block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj]
-    inputs = [torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in linears]
-
-    def timed(weight_left: bool) -> float:
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            for m, x in zip(linears, inputs):
-                m.weight_left = weight_left
-                m(x)
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    timed(False), timed(True)  # warm-up
-    return timed(True) < 0.9 * timed(False)
+    def describe_kernels(self) -> str:
+        isa = torch.backends.cpu.get_cpu_capability() if self.wte.weight.device.type == "cpu" else "cuda"
+        return f"blocks: {self.h[0].mlp.fc.choice.describe()}; head: {self.head.choice.describe()} ({isa})"

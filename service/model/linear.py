@@ -1,0 +1,166 @@
+"""How the model's linear layers are computed on this machine: one kernel for few rows (decode of a few
+sequences: memory-bound) and one for many (batched decode, prefill, scoring: compute-bound), each chosen by
+timing the candidates once per process, model shape, dtype and thread count.
+
+Kernels (all give the same products up to float rounding, ~1e-6 relative in float32):
+- `aten`: `F.linear` (MKL on x86 builds of torch);
+- `weight_left`: the same product as (W x^T)^T, which MKL computes much faster on some CPUs (measured on a
+  2-core AVX2 EPYC, 48 GPT-2-small linears at 64 rows: 154 -> 99 ms); large regime only;
+- `onednn`: torch's bundled oneDNN on a weight packed once at load (`mkldnn._reorder_linear_weight`), with
+  the activation (GELU, ReLU) or the residual add fused into the product. Where bf16 matrix units exist
+  (AMX) this is their path; on AMD CPUs, where MKL takes a generic slow path, it is oneDNN's AVX2 code.
+
+Nothing here decides the dtype or the batch: the engine's runner does.
+"""
+
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SMALL_ROWS = 16  # fewer rows than this: the small regime (memory-bound: every kernel streams the weight)
+KERNELS = ("aten", "weight_left", "onednn")
+# The model's activation functions (the names of HF's ACT2FN), and those oneDNN fuses into the product:
+# name -> (oneDNN post-op, its algorithm).
+ACTIVATIONS = {
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu_fast": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+FUSABLE = {
+    "gelu_new": ("gelu", "tanh"),
+    "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "gelu_fast": ("gelu", "tanh"),
+    "gelu": ("gelu", "none"),
+    "relu": ("relu", ""),
+}
+
+
+def onednn_available(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    small: str = "aten"
+    large: str = "aten"
+
+    def describe(self) -> str:
+        return f"{self.small} below {SMALL_ROWS} rows, {self.large} from {SMALL_ROWS}"
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose product is computed by the kernels `use()` set; `activation` and `residual` are
+    applied to the product (fused where the kernel can)."""
+
+    choice = KernelChoice()
+    _packed: torch.Tensor | None = None
+
+    def use(self, choice: KernelChoice) -> None:
+        self.choice = choice
+        onednn = "onednn" in (choice.small, choice.large)
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64) if onednn else None
+
+    def forward(
+        self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (T, in). activation: a name of `ACTIVATIONS`; residual: (T, out), added last."""
+        kernel = self.choice.small if x.shape[0] < SMALL_ROWS else self.choice.large
+        if kernel == "onednn":
+            return _onednn(x, self._packed, self.bias, activation, residual)
+        if kernel == "weight_left":
+            y = torch.addmm(self.bias[:, None], self.weight, x.t()).t()  # (T, out), a transposed view
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if activation is not None:
+            y = ACTIVATIONS[activation](y)
+        return y if residual is None else y + residual
+
+
+def _onednn(x, packed, bias, activation, residual) -> torch.Tensor:
+    if residual is not None and activation is None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+    attr, algorithm = FUSABLE.get(activation, ("none", ""))
+    y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
+    if activation is not None and activation not in FUSABLE:
+        y = ACTIVATIONS[activation](y)
+    return y if residual is None else y + residual
+
+
+class Head:
+    """The LM head's product with the (tied) embedding matrix, by the kernels `use()` set; its rows are kept
+    contiguous (the sampler reduces over them)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.choice, self._packed = weight, KernelChoice(), None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def use(self, choice: KernelChoice) -> None:
+        self.choice = choice
+        onednn = "onednn" in (choice.small, choice.large)
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64) if onednn else None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        kernel = self.choice.small if hidden.shape[0] < SMALL_ROWS else self.choice.large
+        if kernel == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(hidden, self._packed, None, "none", [], "")
+        if kernel == "weight_left":
+            return (self.weight @ hidden.t()).t().contiguous()
+        return F.linear(hidden, self.weight)
+
+
+_CHOICES: dict[tuple, KernelChoice] = {}
+
+
+@torch.inference_mode()
+def choose(linears: list, key: tuple, rows: int = 64) -> KernelChoice:
+    """The fastest kernel per regime for these linears (one block's, standing for every block), timed at 1
+    and `rows` rows; cached per `key`, so every engine in a process computes the same numbers. A kernel
+    replaces `aten` only when it is at least 10 % faster (timings closer than that are noise)."""
+    if key in _CHOICES:
+        return _CHOICES[key]
+    weight = linears[0].weight
+    if weight.device.type != "cpu":
+        choice = KernelChoice()
+    else:
+        candidates = [k for k in KERNELS if k != "onednn" or onednn_available(weight)]
+        small = _fastest(linears, [k for k in candidates if k != "weight_left"], 1)
+        large = _fastest(linears, candidates, max(rows, SMALL_ROWS))
+        choice = KernelChoice(small, large)
+    _CHOICES[key] = choice
+    return choice
+
+
+def _fastest(linears: list, kernels: list[str], rows: int) -> str:
+    inputs = [torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in linears]
+    saved = [m.choice for m in linears]
+    timings = {}
+    for kernel in kernels:
+        for m in linears:
+            m.use(KernelChoice(kernel, kernel))
+        timings[kernel] = _best_time(lambda: [m(x) for m, x in zip(linears, inputs)])
+    for m, choice in zip(linears, saved):
+        m.use(choice)
+    best = min(timings, key=timings.get)
+    return best if timings[best] < 0.9 * timings["aten"] else "aten"
+
+
+def _best_time(fn, repeats: int = 5) -> float:
+    fn()  # warm-up (oneDNN builds its primitive on the first call)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
