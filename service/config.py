@@ -165,6 +165,12 @@ VARIABLES: tuple[Variable, ...] = (
         _choice("debug", "info", "warning", "error"),
     ),
     Variable("NUM_THREADS", "", "CPU threads for torch (default: the cores available)", _optional(_int(1, 1024))),
+    Variable(
+        "COMPILED_KERNELS",
+        "auto",
+        "auto: build the C++ CPU kernels on first start (g++) and use them, else PyTorch alone; off: PyTorch alone",
+        _choice("auto", "off"),
+    ),
     Variable("SEED", "", "seed of the generator shared by unseeded requests (default: random)", _optional(_int(0))),
 )
 
@@ -195,6 +201,7 @@ class ServiceConfig:
     drain_timeout: float = _DEFAULTS["drain_timeout"]
     log_level: str = _DEFAULTS["log_level"]
     num_threads: int | None = _DEFAULTS["num_threads"]
+    compiled_kernels: str = _DEFAULTS["compiled_kernels"]
     seed: int | None = _DEFAULTS["seed"]
 
     @classmethod
@@ -219,4 +226,10 @@ class ServiceConfig:
             max_waiting_tokens=self.max_waiting_tokens,
             max_model_len=max_model_len,
         )
-        return EngineConfig(scheduler, self.kv_cache_memory, seed=self.seed, num_threads=self.num_threads)
+        return EngineConfig(
+            scheduler,
+            self.kv_cache_memory,
+            seed=self.seed,
+            num_threads=self.num_threads,
+            compiled_kernels=self.compiled_kernels == "auto",
+        )

@@ -31,6 +31,7 @@ class EngineConfig:
     block_size: int = 16
     seed: int | None = None
     num_threads: int | None = None  # CPU threads for torch; default: the cores this process may use
+    compiled_kernels: bool = True  # build and use service.model.kernels where possible (else PyTorch only)
 
 
 @dataclass(eq=False)
@@ -57,7 +58,7 @@ class Engine:
         self.loaded, self.config = loaded, config
         self.kv = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.compiled_kernels)
         self.sampler = Sampler(config.seed)
         self.token_bytes = TokenBytes(loaded.tokenizer)
         self.eos_token_id = loaded.manifest.tokenizer.eos_token_id

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.model import BatchLayout, KVCache
+from service.model import BatchLayout, KVCache, kernels
 from service.model.loader import LoadedModel
 
 from .scheduler import ScheduledBatch
@@ -28,9 +28,17 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, compiled_kernels: bool = True) -> None:
         self.model, self.device = loaded.model, loaded.device
-        self.cache = KVCache(self.model.cfg, num_blocks, block_size, device=loaded.device, dtype=loaded.dtype)
+        decode_kernel = kernels.paged_attention() if compiled_kernels and loaded.device.type == "cpu" else None
+        self.cache = KVCache(
+            self.model.cfg,
+            num_blocks,
+            block_size,
+            device=loaded.device,
+            dtype=loaded.dtype,
+            decode_kernel=decode_kernel,
+        )
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> RunnerOutput:

@@ -47,9 +47,19 @@ class KVCache:
     n_head, head_dim) each. Token j of a sequence lives at row block_table[j // bs] * bs + j % bs."""
 
     def __init__(
-        self, cfg: ArchConfig, num_blocks: int, block_size: int, *, device: torch.device | str, dtype: torch.dtype
+        self,
+        cfg: ArchConfig,
+        num_blocks: int,
+        block_size: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        decode_kernel=None,
     ) -> None:
+        """`decode_kernel`: a compiled module with `paged_decode_attention` (service.model.kernels), which
+        decode attention then uses instead of gathering the blocks (CPU only)."""
         shape = (cfg.n_layer, num_blocks * block_size, cfg.n_head, cfg.head_dim)
+        self.decode_kernel = decode_kernel if torch.device(device).type == "cpu" else None
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -87,6 +97,8 @@ class _DecodeIndex:
     token_ids: torch.Tensor  # (B,) their token in the flat batch
     blocks: torch.Tensor  # (B, N) cache blocks, padded with block 0
     mask: torch.Tensor  # (B, 1, 1, N * block_size) True where a key is real
+    tables: torch.Tensor  # (B, N) the same blocks, int32, for the compiled kernel
+    lengths: torch.Tensor  # (B,) int32: keys per sequence (its context and the new token)
 
 
 @dataclass(frozen=True)
@@ -122,7 +134,14 @@ def _decode_index(layout: BatchLayout, block_size: int, device: torch.device) ->
         ]
     )
     mask = torch.arange(num_blocks * block_size) < lengths[:, None]
-    return _DecodeIndex(seq_ids, starts[seq_ids].to(device), blocks.to(device), mask[:, None, None, :].to(device))
+    return _DecodeIndex(
+        seq_ids,
+        starts[seq_ids].to(device),
+        blocks.to(device),
+        mask[:, None, None, :].to(device),
+        blocks.to(device, torch.int32),
+        lengths.to(device, torch.int32),
+    )
 
 
 def attend(
@@ -150,7 +169,13 @@ def attend(
     v_pool.index_copy_(0, index.write_rows, v)
     out = torch.empty_like(q)
     batched: set[int] = set()
-    if index.decode is not None:  # one padded call instead of a Python loop over decoding sequences
+    if index.decode is not None and cache.decode_kernel is not None:  # the cache read in place
+        d = index.decode
+        qd = q.index_select(0, d.token_ids)  # (B, H, D)
+        kernel = cache.decode_kernel.paged_decode_attention
+        out.index_copy_(0, d.token_ids, kernel(qd, k_pool, v_pool, d.tables, d.lengths, cache.block_size, scale))
+        batched = set(d.seq_ids)
+    elif index.decode is not None:  # one padded call instead of a Python loop over decoding sequences
         d = index.decode
         kd, vd = (
             t.unflatten(0, (d.blocks.shape[0], -1)).transpose(1, 2)

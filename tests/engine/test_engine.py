@@ -2,17 +2,19 @@
 
 import random
 
+import pytest
 import torch
 
 from service.engine import Engine, EngineConfig, EngineRequest, FinishReason, SamplingParams, SchedulerConfig
 from service.model import KVCache
 
 
-def make_engine(loaded, kv_tokens=4096, block_size=4, **sched):
+def make_engine(loaded, kv_tokens=4096, block_size=4, compiled_kernels=True, **sched):
     cfg = loaded.model.cfg
     kv_bytes = kv_tokens * KVCache.bytes_per_token(cfg, loaded.dtype)
     defaults = dict(max_num_seqs=32, max_num_batched_tokens=64, max_model_len=cfg.n_positions)
-    return Engine(loaded, EngineConfig(SchedulerConfig(**{**defaults, **sched}), kv_bytes, block_size, seed=0))
+    scheduler = SchedulerConfig(**{**defaults, **sched})
+    return Engine(loaded, EngineConfig(scheduler, kv_bytes, block_size, seed=0, compiled_kernels=compiled_kernels))
 
 
 def run_all(engine, arrivals):
@@ -201,3 +203,35 @@ def test_request_and_step_stats(tiny):
     assert len(final.inter_token_latencies) == 6 and all(t >= 0 for t in final.inter_token_latencies)
     assert 0 <= final.queue_time <= final.time_to_first_token
     assert engine.last_step.kv_usage == 0.0 and engine.last_step.num_running == 0
+
+
+def test_the_compiled_decode_attention_changes_no_output(tiny):
+    """Greedy tokens equal and logprobs within float32 rounding, with the C++ kernel or the PyTorch path."""
+    from service.model import kernels
+
+    if kernels.paged_attention() is None:
+        pytest.skip("the C++ kernel could not be built here")
+    loaded, _ = tiny
+    prompts = random_prompts(6, loaded.model.cfg.vocab_size, 31, 3, 40)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+
+    def run(compiled):
+        engine = make_engine(loaded, compiled_kernels=compiled)
+        for i, p in enumerate(prompts):
+            engine.add(EngineRequest(f"r{i}", p, params))
+        got = {}
+        while engine.has_work:
+            for out in engine.step():
+                tokens, lps = got.get(out.request_id, ([], []))
+                got[out.request_id] = (tokens + out.token_ids, lps + out.logprobs)
+        return got
+
+    compiled, torch_only = run(True), run(False)
+    assert engine_uses_kernel(loaded)
+    for rid, (tokens, lps) in torch_only.items():
+        assert compiled[rid][0] == tokens
+        assert max(abs(a - b) for a, b in zip(compiled[rid][1], lps)) <= 1e-5
+
+
+def engine_uses_kernel(loaded) -> bool:
+    return make_engine(loaded).runner.cache.decode_kernel is not None
