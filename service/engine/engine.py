@@ -17,8 +17,8 @@ from service.model.loader import LoadedModel
 from . import cpu
 from .detokenizer import IncrementalDetokenizer, StopChecker, TokenBytes
 from .kv_cache import BlockManager
-from .model_runner import ModelRunner
-from .sampler import Sampler, SampleResult, SamplingRow, logprobs_topn, make_generator
+from .model_runner import ModelRunner, PromptScores
+from .sampler import Sampler, SampleResult, SamplingRow, make_generator
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .types import EngineOutput, EngineRequest, FinishReason, RequestStats, StepStats, TokenLogprob
@@ -150,9 +150,9 @@ class Engine:
     def _run_batch(self, batch: ScheduledBatch) -> list[EngineOutput]:
         """Run the model on the batch, record what it computed, sample, and turn the results into outputs."""
         result = self.runner.run(batch)
-        for seq, chunk in zip(batch.seqs, result.prompt_logits):
-            if chunk is not None:
-                self._record_prompt_logprobs(seq, *chunk)
+        for seq, scores in zip(batch.seqs, result.prompt_scores):
+            if scores is not None:
+                self._record_prompt_logprobs(seq, scores)
         self.scheduler.record_computed(batch)
         outputs = [self._finish_scoring(s) for s in batch.seqs if s.score_only and s.num_uncomputed == 0]
         sampling = [(s, r) for s, r in zip(batch.seqs, result.last_rows) if r is not None and not s.score_only]
@@ -174,17 +174,14 @@ class Engine:
             outputs += [self._update(s, i, sampled) for i, (s, _) in enumerate(sampling)]
         return outputs
 
-    def _record_prompt_logprobs(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
-        """Logits at positions first.. predict prompt tokens first+1..; skip the ones already recorded
-        (a preempted sequence recomputes positions it already scored)."""
+    def _record_prompt_logprobs(self, seq: Sequence, scores: PromptScores) -> None:
+        """Positions scores.first.. predict prompt tokens first+1..; skip the ones already recorded (a
+        preempted sequence recomputes positions it already scored)."""
         state = self._state(seq)
-        skip = seq.score_from + len(state.prompt_logprobs) - (first + 1)  # chunks arrive in order: no gaps
+        skip = seq.score_from + len(state.prompt_logprobs) - (scores.first + 1)  # chunks arrive in order
         assert skip >= 0
-        logits = logits[skip:]
-        targets = torch.tensor(seq.token_ids[first + 1 + skip : first + 1 + skip + len(logits)], device=logits.device)
-        chosen, top_ids, top_lps = logprobs_topn(logits, targets, seq.params.prompt_logprobs or 0)
-        greedy = (logits.argmax(-1) == targets).tolist()
-        for tok, lp, ids, lps, g in zip(targets.tolist(), chosen.tolist(), top_ids.tolist(), top_lps.tolist(), greedy):
+        columns = (scores.targets, scores.chosen, scores.top_ids, scores.top_logprobs, scores.greedy)
+        for tok, lp, ids, lps, g in zip(*(c[skip:].tolist() for c in columns)):
             state.prompt_logprobs.append(TokenLogprob(tok, lp, tuple(zip(ids, lps)), g))
 
     def _finish_scoring(self, seq: Sequence) -> EngineOutput:

@@ -11,7 +11,10 @@ import torch
 from service.model import BatchLayout, KVCache, kernels
 from service.model.loader import LoadedModel
 
+from .sampler import logprobs_topn
 from .scheduler import ScheduledBatch
+
+SCORE_CHUNK_ROWS = 128  # prompt positions per head call when scoring: 26 MB of float32 logits for GPT-2
 
 
 @dataclass
@@ -20,11 +23,27 @@ class RunnerOutput:
     ones that sample), one row each, in batch order; `last_rows[i]` is sequence i's row, `None` for a
     sequence still part-way through a prefill chunk. One tensor, so the sampler reads it without a copy."""
 
-    last_logits: torch.Tensor  # (num_complete, vocab)
+    last_logits: torch.Tensor  # (num_sampling, vocab)
     last_rows: list[int | None]
-    # Per sequence that wants prompt logprobs: (first position, float32 logits (n, vocab)) for the
-    # positions in this chunk that predict a wanted prompt token; None otherwise.
-    prompt_logits: list[tuple[int, torch.Tensor] | None]
+    # Per sequence that wants prompt logprobs, for the positions in this chunk that predict a wanted prompt
+    # token; None otherwise.
+    prompt_scores: list["PromptScores | None"]
+
+
+@dataclass
+class PromptScores:
+    """Positions first.. predict prompt tokens `targets` (n,): their float32 logprobs (n,), the top-k
+    alternatives (n, k) each, and whether each target is the greedy (first argmax) choice."""
+
+    first: int
+    targets: torch.Tensor
+    chosen: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+    greedy: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.targets)
 
 
 class ModelRunner:
@@ -50,14 +69,15 @@ class ModelRunner:
         ids = torch.tensor(ids, device=self.device)
         hidden = self.model(ids, layout.positions(self.device), layout, self.cache)  # (T, n_embd)
         ends = torch.tensor(counts).cumsum(0) - 1
-        complete = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts)]
-        rows = ends[torch.tensor(complete)].to(self.device)
-        logits = self.model.compute_logits(hidden[rows])  # (num_complete, vocab)
+        # Sequences that reach their last token and generate: their last row's logits (scoring ones need none).
+        sampling = [s.num_computed_tokens + n == s.num_tokens and not s.score_only for s, n in zip(seqs, counts)]
+        rows = ends[torch.tensor(sampling, dtype=torch.bool)].to(self.device)
+        logits = self.model.compute_logits(hidden[rows])  # (num_sampling, vocab)
         numbered = iter(range(len(seqs)))
-        last_rows = [next(numbered) if done else None for done in complete]
-        return RunnerOutput(logits, last_rows, self._prompt_logits(seqs, counts, hidden))
+        last_rows = [next(numbered) if wanted else None for wanted in sampling]
+        return RunnerOutput(logits, last_rows, self._prompt_scores(seqs, counts, hidden))
 
-    def _prompt_logits(self, seqs, counts, hidden: torch.Tensor) -> list[tuple[int, torch.Tensor] | None]:
+    def _prompt_scores(self, seqs, counts, hidden: torch.Tensor) -> list[PromptScores | None]:
         out, start = [], 0
         for seq, n in zip(seqs, counts):
             first = seq.num_computed_tokens
@@ -66,7 +86,20 @@ class ModelRunner:
             if seq.score_from is None or lo >= hi:
                 out.append(None)
             else:
-                rows = hidden[start + lo - first : start + hi - first]
-                out.append((lo, self.model.compute_logits(rows).float()))  # (hi - lo, vocab)
+                rows = hidden[start + lo - first : start + hi - first]  # (hi - lo, n_embd)
+                targets = torch.tensor(seq.token_ids[lo + 1 : hi + 1], device=self.device)
+                out.append(self._score_rows(lo, rows, targets, seq.params.prompt_logprobs or 0))
             start += n
         return out
+
+    def _score_rows(self, first: int, rows: torch.Tensor, targets: torch.Tensor, top: int) -> PromptScores:
+        """The head and its log-softmax a chunk of rows at a time: the whole (n, vocab) float32 logits of
+        a long prompt would be tens of MB, fresh pages on every call."""
+        parts = []
+        for i in range(0, len(rows), SCORE_CHUNK_ROWS):
+            logits = self.model.compute_logits(rows[i : i + SCORE_CHUNK_ROWS]).float()  # (chunk, vocab)
+            wanted = targets[i : i + SCORE_CHUNK_ROWS]
+            chosen, top_ids, top_lps = logprobs_topn(logits, wanted, top)
+            parts.append((chosen, top_ids, top_lps, logits.max(dim=-1).indices == wanted))  # first argmax
+        chosen, top_ids, top_lps, greedy = (torch.cat(p) for p in zip(*parts))
+        return PromptScores(first, targets, chosen, top_ids, top_lps, greedy)
