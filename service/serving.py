@@ -190,7 +190,7 @@ class ModelServer:
             load_model, self.store, ref, device=self.config.device, dtype=self.config.dtype
         )
         engine_config = self.config.engine_config(loaded.model.cfg.n_positions)
-        engine = Engine(loaded, engine_config)
+        engine = await asyncio.to_thread(Engine, loaded, engine_config)  # kernel choice and build: seconds
         labels = (loaded.manifest.name, str(loaded.manifest.version))
         hooks = self._hooks(labels)
         warmup = EngineRequest("warmup", [loaded.manifest.tokenizer.eos_token_id or 0], WARMUP)
