@@ -10,6 +10,7 @@ no-op.
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 import torch
@@ -18,18 +19,14 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 TRIM_THRESHOLD = 1 << 30
 
-_tuned = False
-
 
 def configure(num_threads: int | None) -> None:
     """torch's intra-op threads (default: the cores this process may use); the allocator, once."""
     torch.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
-    global _tuned
-    if not _tuned:
-        _tuned = True
-        _keep_freed_memory()
+    _keep_freed_memory()
 
 
+@functools.cache
 def _keep_freed_memory() -> bool:
     name = ctypes.util.find_library("c")
     try:

@@ -42,9 +42,6 @@ class PromptScores:
     top_logprobs: torch.Tensor
     greedy: torch.Tensor
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, compiled_kernels: bool = True) -> None:

@@ -56,10 +56,10 @@ class KVCache:
         dtype: torch.dtype,
         decode_kernel=None,
     ) -> None:
-        """`decode_kernel`: a compiled module with `paged_decode_attention` (service.model.kernels), which
-        decode attention then uses instead of gathering the blocks (CPU only)."""
+        """`decode_kernel`: a compiled CPU module with `paged_decode_attention` (service.model.kernels), which
+        decode attention then uses instead of gathering the blocks; the caller gives one only on CPU."""
         shape = (cfg.n_layer, num_blocks * block_size, cfg.n_head, cfg.head_dim)
-        self.decode_kernel = decode_kernel if torch.device(device).type == "cpu" else None
+        self.decode_kernel = decode_kernel
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
