@@ -171,6 +171,13 @@ VARIABLES: tuple[Variable, ...] = (
         "auto: build the C++ CPU kernels on first start (g++) and use them, else PyTorch alone; off: PyTorch alone",
         _choice("auto", "off"),
     ),
+    Variable(
+        "QUANTIZATION",
+        "none",
+        "none, or int8: int8 weights for generation on CPU (faster, not exact: see docs/engine.md; "
+        "prompt scoring is then refused)",
+        _choice("none", "int8"),
+    ),
     Variable("SEED", "", "seed of the generator shared by unseeded requests (default: random)", _optional(_int(0))),
 )
 
@@ -202,6 +209,7 @@ class ServiceConfig:
     log_level: str = _DEFAULTS["log_level"]
     num_threads: int | None = _DEFAULTS["num_threads"]
     compiled_kernels: str = _DEFAULTS["compiled_kernels"]
+    quantization: str = _DEFAULTS["quantization"]
     seed: int | None = _DEFAULTS["seed"]
 
     @classmethod
@@ -214,6 +222,8 @@ class ServiceConfig:
                 values[var.name.lower()] = var.parse(text)
             except ValueError as exc:
                 raise ConfigError(f"{var.name}={text!r}: {exc}") from None
+        if values["quantization"] != "none" and values["device"] != "cpu":
+            raise ConfigError(f"QUANTIZATION={values['quantization']} runs on CPU only; DEVICE is {values['device']}")
         return cls(**values)
 
     def engine_config(self, n_positions: int) -> EngineConfig:
@@ -232,4 +242,5 @@ class ServiceConfig:
             seed=self.seed,
             num_threads=self.num_threads,
             compiled_kernels=self.compiled_kernels == "auto",
+            quantization=self.quantization,
         )

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.engine import EngineDead, QueueFull, TooLarge
+from service.engine import EngineDead, QueueFull, TooLarge, Unsupported
 from service.serving import NotServing
 
 _TYPES = {
@@ -66,6 +66,8 @@ def engine_error(exc: BaseException) -> APIError:
         )
     if isinstance(exc, TooLarge):
         return APIError(400, f"the request can never fit in this server's KV cache: {exc}", code="request_too_large")
+    if isinstance(exc, Unsupported):
+        return APIError(400, str(exc), code="unsupported")
     if isinstance(exc, EngineDead):
         return APIError(503, "the engine stopped; retry on another replica", code="service_unavailable")
     if isinstance(exc, NotServing):

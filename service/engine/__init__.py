@@ -22,6 +22,7 @@ from .types import (
     StepStats,
     TokenLogprob,
     TooLarge,
+    Unsupported,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "TokenLogprob",
     "TokenStrings",
     "TooLarge",
+    "Unsupported",
 ]

@@ -21,7 +21,15 @@ from .model_runner import ModelRunner, PromptScores
 from .sampler import Sampler, SampleResult, SamplingRow, make_generator
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence
-from .types import EngineOutput, EngineRequest, FinishReason, RequestStats, StepStats, TokenLogprob
+from .types import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    RequestStats,
+    StepStats,
+    TokenLogprob,
+    Unsupported,
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class EngineConfig:
     seed: int | None = None
     num_threads: int | None = None  # CPU threads for torch; default: the cores this process may use
     compiled_kernels: bool = True  # build and use service.model.kernels where possible (else PyTorch only)
+    quantization: str = "none"  # "int8": int8 weights for generation (scoring refused: see `scores_exact`)
 
 
 @dataclass(eq=False)
@@ -51,7 +60,8 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()) -> None:
         cfg = loaded.model.cfg
         cpu.configure(config.num_threads)
-        self.kernels = loaded.model.prepare_kernels(rows=min(64, config.scheduler.max_num_seqs))
+        rows = min(64, config.scheduler.max_num_seqs)
+        self.kernels = loaded.model.prepare_kernels(rows, config.quantization, config.compiled_kernels)
         bytes_per_block = KVCache.bytes_per_token(cfg, loaded.dtype) * config.block_size
         num_blocks = config.kv_cache_bytes // bytes_per_block
         assert num_blocks > 0, "kv_cache_bytes is too small for one block"
@@ -68,9 +78,14 @@ class Engine:
     def add(self, request: EngineRequest) -> None:
         """Queue a request (`EngineRequest` says what each field asks for). `params.n` samples share the
         prompt's KV; sample i is seeded with seed + i, so it equals an n = 1 request seeded with seed + i.
-        Raises QueueFull / TooLarge before anything is recorded."""
+        Raises QueueFull / TooLarge / Unsupported before anything is recorded."""
         request_id, params, score_from = request.request_id, request.params, request.score_from
         assert request_id not in self.requests, f"duplicate request id {request_id}"
+        if (params.prompt_logprobs is not None or score_from is not None) and not self.scores_exact:
+            raise Unsupported(
+                f"prompt scores need exact weights and this server runs QUANTIZATION={self.config.quantization}; "
+                "score on a server without quantization"
+            )
         if params.prompt_logprobs is not None and score_from is None:
             score_from = 1
         arrival, tokens = time.monotonic(), list(request.prompt_token_ids)
@@ -88,6 +103,11 @@ class Engine:
         ]
         self.scheduler.add(*samples)
         self.requests[request_id] = {seq.index: self._output_state(seq) for seq in samples}
+
+    @property
+    def scores_exact(self) -> bool:
+        """Whether prompt scores (logprobs of given text) are the model's own: not under quantization."""
+        return self.config.quantization == "none"
 
     def _output_state(self, seq: Sequence) -> _OutputState:
         seed = None if seq.params.seed is None else seq.params.seed + seq.index

@@ -140,6 +140,11 @@ class TooLarge(Exception):
     """The request could not fit in KV memory even alone (HTTP 400)."""
 
 
+class Unsupported(Exception):
+    """The request asks for what this engine's configuration cannot give (HTTP 400): prompt scores under
+    int8 quantization, whose scores would not be exact."""
+
+
 class EngineDead(RuntimeError):
     """The engine thread failed or was stopped; in-flight and new requests get this."""
 

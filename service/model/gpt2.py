@@ -105,15 +105,18 @@ class GPT2(nn.Module):
     def _head_weight(self) -> torch.Tensor:
         return self.lm_head.weight if not self.cfg.tie_word_embeddings else self.wte.weight
 
-    def prepare_kernels(self, rows: int = 64) -> str:
-        """Choose and set up the linear kernels for this machine (see `linear`), timed at 1 and `rows` rows;
+    def prepare_kernels(self, rows: int = 64, quantization: str = "none", compiled: bool = True) -> str:
+        """Choose and set up the linear kernels for this machine (see `linear`): with `quantization` int8,
+        int8 weights for every linear and the head (`compiled`: each in one C++ call where the kernel
+        builds); else the exact kernels timed at 1 and `rows` rows,
         cached per process and shape, so every engine in a process computes the same numbers. Returns their
         description."""
         dtype, threads = self.wte.weight.dtype, torch.get_num_threads()
         key = (self.cfg.n_embd, self.cfg.n_inner, self.cfg.vocab_size, rows, dtype, threads)
         block = self.h[0]
-        blocks = linear.choose([block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj], ("block", *key), rows)
-        head = linear.choose([self.head], ("head", *key), rows)
+        linears = [block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj]
+        blocks = linear.choose(linears, ("block", *key), rows, quantization, compiled)
+        head = linear.choose([self.head], ("head", *key), rows, quantization, compiled)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.use(blocks)

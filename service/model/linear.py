@@ -9,6 +9,11 @@ Kernels (all give the same products up to float rounding, ~1e-6 relative in floa
 - `onednn`: torch's bundled oneDNN on a weight packed once at load (`mkldnn._reorder_linear_weight`), with
   the activation (GELU, ReLU) or the residual add fused into the product. Where bf16 matrix units exist
   (AMX) this is their path; on AMD CPUs, where MKL takes a generic slow path, it is oneDNN's AVX2 code.
+- `int8` (`QUANTIZATION=int8` only, never chosen by timing): oneDNN's int8 product
+  (`onednn::qlinear_pointwise`: AMX-INT8, AVX-512 VNNI or AVX2, whichever the CPU has) on weights quantized
+  symmetrically per output channel, with each activation row quantized on the fly to 8 bits with its own
+  scale (as CTranslate2's int8 and llama.cpp's q8_0 do), then rescaled, biased, activated and added in the
+  activation dtype. Not exact: its cost in quality is measured in docs/engine.md.
 
 Nothing here decides the dtype or the batch: the engine's runner does.
 """
@@ -21,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 SMALL_ROWS = 16  # fewer rows than this: the small regime (memory-bound: every kernel streams the weight)
-KERNELS = ("aten", "weight_left", "onednn")
+INT8_GEMV_ROWS = 3  # fewer rows than this: the compiled int8 kernel's own product (faster than oneDNN's there)
+KERNELS = ("aten", "weight_left", "onednn")  # the exact kernels, chosen by timing
+QUANTIZATIONS = ("none", "int8")
 # The model's activation functions (the names of HF's ACT2FN), and those oneDNN fuses into the product:
 # name -> (oneDNN post-op, its algorithm).
 ACTIVATIONS = {
@@ -49,11 +58,50 @@ def onednn_available(weight: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
+class Int8Weight:
+    """A weight quantized per output channel (symmetric, [-127, 127]) and packed for oneDNN's int8 product;
+    `compiled`: the C++ module that runs the whole linear in one call (kernels.int8_linear), or None."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor  # (out,) float32: weight ~= q * scales[:, None]
+    zero_points: torch.Tensor  # (out,) int64 zeros, as the op wants them
+    compiled: object | None = None
+    # With `compiled`: q itself (out, in) and its row sums (int32), which the compiled kernel's own product
+    # streams for fewer than INT8_GEMV_ROWS rows (there oneDNN's int8 product reads DRAM at 2/3 of the
+    # bandwidth a plain read gets: 13-15 against 20-22 GB/s on a 2-core Xeon).
+    plain: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
+
+
+def quantize_weight(weight: torch.Tensor, compiled: object | None = None) -> Int8Weight:
+    w = weight.detach().float()
+    scales = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    zeros = torch.zeros(len(scales), dtype=torch.long)
+    packed = torch.ops.onednn.qlinear_prepack(q, None)
+    if compiled is None:
+        return Int8Weight(packed, scales, zeros)
+    return Int8Weight(packed, scales, zeros, compiled, q.contiguous(), q.sum(1, dtype=torch.int32))
+
+
+ACTIVATION_ZERO_POINT = 128  # rows are quantized symmetrically, stored as uint8 = q + 128 (what x86 int8 wants)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, in) -> uint8 (T, in) and float32 scales (T, 1): x ~= (q - 128) * scale, one scale per row."""
+    scale = x.abs().amax(1, keepdim=True).float().clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
+    return torch.round(x / scale).add_(ACTIVATION_ZERO_POINT).to(torch.uint8), scale
+
+
+@dataclass(frozen=True)
 class KernelChoice:
     small: str = "aten"
     large: str = "aten"
+    compiled: bool = False  # int8: run each linear in one C++ call (kernels.int8_linear) where it builds
 
     def describe(self) -> str:
+        if self.small == self.large == "int8":
+            return "int8" + (" (compiled where built)" if self.compiled else "")
         return f"{self.small} below {SMALL_ROWS} rows, {self.large} from {SMALL_ROWS}"
 
 
@@ -67,6 +115,10 @@ class Linear(nn.Linear):
     def use(self, choice: KernelChoice) -> None:
         self.choice, self._packed = choice, _pack(self.weight, choice)
 
+    @property
+    def packed_bytes(self) -> int:
+        return _bytes(self._packed)
+
     def forward(
         self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -74,16 +126,28 @@ class Linear(nn.Linear):
         return _product(self.choice, x, self.weight, self.bias, self._packed, activation, residual)
 
 
-def _pack(weight: torch.Tensor, choice: KernelChoice) -> torch.Tensor | None:
-    """oneDNN's packed copy of `weight`, where `choice` uses oneDNN."""
+def _pack(weight: torch.Tensor, choice: KernelChoice) -> torch.Tensor | Int8Weight | None:
+    """oneDNN's packed copy of `weight`, where `choice` uses oneDNN (its int8 form for `int8`)."""
+    if "int8" in (choice.small, choice.large):
+        return quantize_weight(weight, kernels.int8_linear() if choice.compiled else None)
     if "onednn" not in (choice.small, choice.large):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
 
 
+def _bytes(packed) -> int:
+    if packed is None:
+        return 0
+    if isinstance(packed, Int8Weight):
+        return sum(t.nbytes for t in (packed.packed, packed.scales, packed.plain, packed.sums) if t is not None)
+    return packed.nbytes
+
+
 def _product(choice: KernelChoice, x, weight, bias, packed, activation=None, residual=None) -> torch.Tensor:
     """x W^T + bias, then the activation, then + residual, by the kernel `choice` names for x's rows."""
     kernel = choice.small if x.shape[0] < SMALL_ROWS else choice.large
+    if kernel == "int8":
+        return _int8(x, packed, bias, activation, residual)
     if kernel == "onednn":
         return _onednn(x, packed, bias, activation, residual)
     if kernel == "weight_left":  # (T, out), a transposed view
@@ -105,6 +169,44 @@ def _onednn(x, packed, bias, activation, residual) -> torch.Tensor:
     return y if residual is None else y + residual
 
 
+# The activations the compiled int8 linear applies (as ATen's GELU approximation names).
+INT8_FUSED = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+def _int8(x, weight: Int8Weight, bias, activation, residual) -> torch.Tensor:
+    """The int8 linear: compiled in one call where it was built, else this twin (the same float32 arithmetic
+    after the exact int32 product, rounded once to x's dtype)."""
+    fusable = activation is None or (activation in INT8_FUSED and residual is None)
+    if weight.compiled is not None and fusable:
+        gelu = INT8_FUSED[activation] if activation is not None else ""
+        w = weight
+        return w.compiled.int8_linear(
+            x, w.packed, w.scales, w.zero_points, w.plain, w.sums, INT8_GEMV_ROWS, bias, gelu, residual
+        )
+    q, scale = quantize_rows(x.contiguous())
+    y = torch.ops.onednn.qlinear_pointwise(
+        q,
+        1.0,
+        ACTIVATION_ZERO_POINT,
+        weight.packed,
+        weight.scales,
+        weight.zero_points,
+        None,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
+    )  # (T, out) float32 = (q - 128) @ (w_q * w_scales)^T
+    y = y.mul_(scale) if bias is None else torch.addcmul(bias.float(), y, scale)
+    if activation is not None:
+        y = ACTIVATIONS[activation](y)
+    if residual is not None:
+        y = y.add_(residual)
+    return y.to(x.dtype)
+
+
 class Head:
     """The LM head's product with the (tied) embedding matrix, by the kernels `use()` set; its rows are kept
     contiguous (the sampler reduces over them)."""
@@ -119,6 +221,10 @@ class Head:
     def use(self, choice: KernelChoice) -> None:
         self.choice, self._packed = choice, _pack(self.weight, choice)
 
+    @property
+    def packed_bytes(self) -> int:
+        return _bytes(self._packed)
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return _product(self.choice, hidden, self.weight, None, self._packed).contiguous()
 
@@ -126,14 +232,28 @@ class Head:
 _CHOICES: dict[tuple, KernelChoice] = {}
 
 
+def check_quantization(quantization: str, device: torch.device) -> None:
+    """Raises ValueError where `quantization` cannot run on `device`."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; use {', '.join(QUANTIZATIONS)}")
+    if quantization == "int8" and (device.type != "cpu" or not torch.backends.mkldnn.is_available()):
+        raise ValueError("QUANTIZATION=int8 runs on CPU only (oneDNN's int8 product); use none on this device")
+
+
 @torch.inference_mode()
-def choose(linears: list, key: tuple, rows: int = 64) -> KernelChoice:
-    """The fastest kernel per regime for these linears (one block's, standing for every block), timed at 1
-    and `rows` rows; cached per `key`, so every engine in a process computes the same numbers. A kernel
+def choose(
+    linears: list, key: tuple, rows: int = 64, quantization: str = "none", compiled: bool = True
+) -> KernelChoice:
+    """The kernel per regime for these linears (one block's, standing for every block): with `quantization`
+    int8, the int8 one (`compiled`: in one C++ call where it builds); else the fastest exact one, timed at 1
+    and `rows` rows, cached per `key`, so every engine in a process computes the same numbers. A kernel
     replaces `aten` only when it is at least 5 % faster."""
+    weight = linears[0].weight
+    check_quantization(quantization, weight.device)
+    if quantization == "int8":
+        return KernelChoice("int8", "int8", compiled)
     if key in _CHOICES:
         return _CHOICES[key]
-    weight = linears[0].weight
     if weight.device.type != "cpu":
         choice = KernelChoice()
     else:

@@ -7,6 +7,7 @@ import torch
 from tokenizers import Tokenizer
 
 from model_store.windows import rolling_windows
+from tests.support.live import serve
 
 
 def hf_logprobs(hf, ids):
@@ -113,3 +114,17 @@ def test_tokenizer_endpoints(live, http_store):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
     models = live.client.get("/v1/models").json()["data"]
     assert [(m["id"], m["max_model_len"], m["dtype"]) for m in models] == [("tiny@1", 256, "float32")]
+
+
+def test_scoring_is_refused_with_int8_weights_and_generation_serves(http_store):
+    """Under QUANTIZATION=int8 a score would not be the model's own: /v1/score and echo + logprobs are a 400
+    in the OpenAI error shape, while generation (its logprobs included) serves."""
+    with serve(http_store[0], quantization="int8") as server:
+        r = server.client.post("/v1/score", json={"text": "hello world"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported"
+        assert "QUANTIZATION=int8" in r.json()["error"]["message"]
+        body = {"prompt": "hello", "max_tokens": 1, "echo": True, "logprobs": 1}
+        r = server.client.post("/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported"
+        r = server.client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3, "logprobs": 2})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == 3

@@ -5,6 +5,8 @@ the two.
 
 - `paged_attention()`: decode attention reading the paged KV cache in place (`paged_attention.cpp`),
   instead of gathering every sequence's context into a contiguous copy per layer and step.
+- `int8_linear()`: the int8 linear in one call (`int8_linear.cpp`): quantize the rows, oneDNN's int8
+  product, rescale + bias + activation + residual in one pass; twin: `linear._int8`.
 """
 
 import logging
@@ -21,6 +23,11 @@ _built: dict[str, object] = {}
 def paged_attention():
     """The compiled module (with `paged_decode_attention`), or None when it cannot be built here."""
     return _build("paged_attention", ["paged_attention.cpp"])
+
+
+def int8_linear():
+    """The compiled module (with `int8_linear`, `quantize_rows`), or None when it cannot be built here."""
+    return _build("int8_linear", ["int8_linear.cpp"])
 
 
 def _build(name: str, sources: list[str]):
