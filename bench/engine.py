@@ -11,7 +11,8 @@ for everyone. Measured, one timed run per point after a warm-up:
 
 - ours (the synchronous engine, as the service runs it) in float32 at every --batches size, beside HF
   `generate` at the same batch; where the CPU has bf16 matrix units (AMX), also bfloat16 (what `dtype=auto`
-  picks there) at 1 and 64; scoring 64 x 256-token texts (prompt logprobs of every token) against an HF
+  picks there) at 1 and 64; int8 (QUANTIZATION=int8, DTYPE=auto: float32 activations) at 1 and 64;
+  scoring 64 x 256-token texts (prompt logprobs of every token) against an HF
   forward + log_softmax, with the max |difference|; prefix reuse (time to first token of a 512-token prompt
   whose first 480 tokens were just served, against nothing cached);
 - CTranslate2 (--ct2-python: the baselines' venv runs bench/ct2_runner.py): `generate_batch` float32 and
@@ -28,6 +29,7 @@ from one run, and repeat the run minutes later. Not part of the test suite.
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -132,12 +134,15 @@ class Ours:
     backend: str
 
 
-def measure_generation(store, dtype: str, hf, batches: list[int], new_tokens: int, with_hf: bool) -> Ours:
-    loaded = load_model(store, "bench", dtype=dtype)
+def measure_generation(
+    store, dtype: str, hf, batches: list[int], new_tokens: int, with_hf: bool, quantization: str = "none"
+) -> Ours:
+    loaded = load_model(store, "bench", dtype=dtype, quantization=quantization)
     hf = copy.deepcopy(hf).to(loaded.dtype)  # a copy: the float32 model must stay float32 for the others
-    config = engine_config(loaded, batches, new_tokens)
+    config = dataclasses.replace(engine_config(loaded, batches, new_tokens), quantization=quantization)
     rng = torch.Generator().manual_seed(1)
-    result = Ours(dtype, {}, {}, {}, "")
+    name = "int8" if quantization == "int8" else dtype
+    result = Ours(name, {}, {}, {}, "")
     for batch in batches:
         prompts = torch.randint(0, 50257, (batch, PROMPT_LEN), generator=rng).tolist()
         engine = Engine(loaded, config)
@@ -145,7 +150,7 @@ def measure_generation(store, dtype: str, hf, batches: list[int], new_tokens: in
         run_engine(engine, prompts[:1], 4)  # warm-up
         result.gen[batch], ttft = run_engine(engine, prompts, new_tokens)
         result.ttft[batch] = (statistics.median(ttft), p95(ttft))
-        line = f"  ours {dtype} batch {batch}: {result.gen[batch]:.1f} tok/s"
+        line = f"  ours {name} batch {batch}: {result.gen[batch]:.1f} tok/s"
         if with_hf:
             run_hf(hf, prompts[:1], 4)
             result.hf[batch] = run_hf(hf, prompts, new_tokens)
@@ -340,6 +345,8 @@ def main() -> None:
         bf16 = measure_generation(store, "bfloat16", hf, [1, 64], new_tokens, not args.no_hf) if amx else None
         if bf16 is not None:
             print(f"  bfloat16 GEMM path: {bf16.backend}", flush=True)
+        int8 = measure_generation(store, "auto", hf, [1, 64], new_tokens, False, quantization="int8")
+        print(f"  int8 (QUANTIZATION=int8, DTYPE=auto) GEMM path: {int8.backend}", flush=True)
         score = measure_scoring(store, hf)
         print(
             f"  ours float32 scoring {SCORE_SHAPE[0]} x {SCORE_SHAPE[1]}: {score[0]:.1f} tok/s, "
@@ -354,7 +361,7 @@ def main() -> None:
     print(
         f"{'dtype':>9} {'batch':>6} {'ours tok/s':>11} {'HF tok/s':>9} {'ours/HF':>8} {'TTFT p50':>9} {'TTFT p95':>9}"
     )
-    for run in (fp32, bf16):
+    for run in (fp32, bf16, int8):
         for batch in run.gen if run else ():
             hf_tok_s = run.hf.get(batch)
             ratio = f"{run.gen[batch] / hf_tok_s:.2f}x" if hf_tok_s else "n/a"
@@ -364,7 +371,7 @@ def main() -> None:
                 f"{t50:>8.3f}s {t95:>8.3f}s"
             )
     print(f"\n{machine()}\ngoals (same run, same weights):")
-    rows = goals(fp32, bf16, None, score, reuse, ct, ll)
+    rows = goals(fp32, bf16, int8, score, reuse, ct, ll)
     print_goals(rows)
     if args.json:
         names = ("name", "ours", "theirs", "ratio", "goal", "met")

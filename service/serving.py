@@ -187,7 +187,12 @@ class ModelServer:
         """Load `ref`, warm its engine up with one request (its steps reach the step metrics, its sequence
         is not counted as a request), and start its thread."""
         loaded = await asyncio.to_thread(
-            load_model, self.store, ref, device=self.config.device, dtype=self.config.dtype
+            load_model,
+            self.store,
+            ref,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            quantization=self.config.quantization,
         )
         engine_config = self.config.engine_config(loaded.model.cfg.n_positions)
         engine = await asyncio.to_thread(Engine, loaded, engine_config)  # kernel choice and build: seconds

@@ -46,7 +46,7 @@ class SampleResult:
     """What one step chose, one entry per row, as plain Python values."""
 
     token_ids: list[int]
-    logprobs: list[float]  # the chosen token's logprob under the raw distribution
+    logprobs: list[float]  # the chosen token's logprob under the raw distribution; NaN where not asked for
     top_logprobs: list[list[tuple[int, float]] | None]  # top-N (token, logprob), desc; None if not asked
 
 
@@ -129,8 +129,18 @@ def _apply_presence_frequency(logits: torch.Tensor, rows: Sequence[SamplingRow])
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """logit_bias, then repetition, then presence/frequency, then bans, on float32 (B, V) logits.
 
-    Returns a new tensor when anything applies and the input itself when nothing does (never mutates it).
+    Returns a new float32 tensor when anything applies and the input itself (in its dtype) when nothing
+    does (never mutates it).
     """
+    if not any(
+        r.params.logit_bias
+        or r.params.repetition_penalty != 1.0
+        or r.params.presence_penalty != 0.0
+        or r.params.frequency_penalty != 0.0
+        or r.banned_token_ids
+        for r in rows
+    ):
+        return logits
     logits = logits.float()
     if any(r.params.logit_bias for r in rows):
         logits = logits + _bias_tensor(rows, logits.shape[-1], logits.device)
@@ -200,7 +210,7 @@ class Sampler:
         """logits (B, V), any float dtype and device; rows[i] describes logits[i]."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
-        raw = logits.float()  # (B, V)
+        raw = logits  # (B, V), in the model's dtype: converted where a feature needs float32
         processed = apply_penalties(raw, rows)  # (B, V)
         token_ids = processed.max(dim=-1).indices  # (B,); greedy answer, first index on ties (faster than argmax)
         sampling = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -240,14 +250,22 @@ class Sampler:
 
 
 def _result(raw: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
-    """Raw-distribution logprobs for the chosen tokens plus each row's requested top-N, as Python values."""
-    n_max = max((r.params.logprobs or 0 for r in rows), default=0)
-    chosen, top_ids, top_lps = logprobs_topn(raw, token_ids, n_max)
+    """Raw-distribution logprobs for the chosen tokens plus each row's requested top-N, as Python values,
+    for the rows that asked for logprobs (the others get NaN and None: a (B, V) log_softmax is a tenth of a
+    64-sequence decode step, so it runs on the rows that want it only)."""
     ids_list = token_ids.tolist()
-    chosen_list = chosen.tolist()
-    top_ids_list, top_lps_list = top_ids.tolist(), top_lps.tolist()
-    top: list[list[tuple[int, float]] | None] = []
-    for i, row in enumerate(rows):
-        n = row.params.logprobs
-        top.append(None if n is None else list(zip(top_ids_list[i][:n], top_lps_list[i][:n])))
+    asking = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    chosen_list = [float("nan")] * len(rows)
+    top: list[list[tuple[int, float]] | None] = [None] * len(rows)
+    if asking:
+        n_max = max(rows[i].params.logprobs for i in asking)
+        every = len(asking) == len(rows)
+        idx = None if every else torch.tensor(asking, dtype=torch.long, device=raw.device)
+        sub_raw, sub_ids = (raw, token_ids) if every else (raw[idx], token_ids[idx])
+        chosen, top_ids, top_lps = logprobs_topn(sub_raw, sub_ids, n_max)
+        top_ids_list, top_lps_list = top_ids.tolist(), top_lps.tolist()
+        for j, (i, lp) in enumerate(zip(asking, chosen.tolist())):
+            n = rows[i].params.logprobs
+            chosen_list[i] = lp
+            top[i] = list(zip(top_ids_list[j][:n], top_lps_list[j][:n]))
     return SampleResult(token_ids=ids_list, logprobs=chosen_list, top_logprobs=top)

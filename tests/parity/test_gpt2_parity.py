@@ -263,5 +263,6 @@ def test_auto_dtype_follows_bf16_matrix_units(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert loader.resolve_dtype("auto", cpu) is torch.bfloat16
+    assert loader.resolve_dtype("auto", cpu, quantization="int8") is torch.float32  # int8: float32 is faster
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert loader.resolve_dtype("auto", cpu) is torch.float32
