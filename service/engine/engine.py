@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.model import KVCache
+from service.model import KVCache, kernels
 from service.model.loader import LoadedModel
 
 from . import cpu
@@ -69,7 +69,7 @@ class Engine:
         self.kv = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.compiled_kernels)
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, _argmax_kernel(config, loaded.device))
         self.token_bytes = TokenBytes(loaded.tokenizer)
         self.eos_token_id = loaded.manifest.tokenizer.eos_token_id
         self.requests: dict[str, dict[int, _OutputState]] = {}  # request id -> sample index -> its state
@@ -263,6 +263,11 @@ class Engine:
     def _flush(state: _OutputState) -> str:
         text, stopped = state.stop.push(state.detok.flush())
         return text if stopped else text + state.stop.flush()
+
+
+def _argmax_kernel(config: EngineConfig, device: torch.device):
+    module = kernels.argmax_rows() if config.compiled_kernels and device.type == "cpu" else None
+    return module.argmax_rows if module is not None else None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

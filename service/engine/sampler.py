@@ -202,8 +202,11 @@ def _truncate(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.T
 class Sampler:
     """Chooses one token per row. Holds the engine-wide generator(s) that unseeded rows draw from."""
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, argmax=None):
+        """`argmax`: (B, V) -> (B,) int64, the first index of each row's maximum (a compiled kernel, see
+        service.model.kernels.argmax_rows); default `torch.max(dim=-1).indices`."""
         self._seed = seed
+        self._argmax = argmax or _first_max
         self._generators: dict[torch.device, torch.Generator] = {}  # one per device, made on first use
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
@@ -212,7 +215,7 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         raw = logits  # (B, V), in the model's dtype: converted where a feature needs float32
         processed = apply_penalties(raw, rows)  # (B, V)
-        token_ids = processed.max(dim=-1).indices  # (B,); greedy answer, first index on ties (faster than argmax)
+        token_ids = self._argmax(processed)  # (B,); greedy answer, first index on ties
         sampling = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampling:
             idx = torch.tensor(sampling, dtype=torch.long, device=raw.device)  # (S,)
@@ -247,6 +250,10 @@ class Sampler:
         probs = _truncate(logits, [r.params for r in rows]).softmax(dim=-1)  # (S, V)
         noise = self._noise(rows, logits.shape[-1], logits.device)  # (S, V)
         return (probs / noise).argmax(dim=-1)  # (S,)
+
+
+def _first_max(logits: torch.Tensor) -> torch.Tensor:
+    return logits.max(dim=-1).indices  # first index on ties, and faster than argmax
 
 
 def _result(raw: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:

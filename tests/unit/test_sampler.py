@@ -289,3 +289,24 @@ def test_apply_penalties_noop_returns_input_unchanged():
     assert torch.equal(logits, before)  # never mutates
     assert apply_penalties(logits, [row(SamplingParams())] * 2) is logits
     assert not torch.equal(out, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_argmax_equals_torch_max(dtype):
+    from service.model import kernels
+
+    module = kernels.argmax_rows()
+    if module is None:
+        pytest.skip("no C++ compiler here: torch.max serves alone")
+    torch.manual_seed(0)
+    logits = torch.randn(9, 50257).to(dtype)
+    logits[1, 300] = logits[1, 20] = float("nan")  # the first NaN wins, as in torch.max
+    logits[2] = float("-inf")
+    logits[3, 7] = logits[3, 9] = logits[3].max() + 1  # ties: the first index
+    logits[4, -1] = 1e4  # in the tail past the last full vector
+    logits[5, :17] = 50.0
+    got = module.argmax_rows(logits)
+    assert got.dtype == torch.int64 and torch.equal(got, logits.max(dim=-1).indices)
+    assert torch.equal(module.argmax_rows(logits[:, :13]), logits[:, :13].max(dim=-1).indices)  # shorter than a vector
+    rows = [row(SamplingParams(temperature=0.0)) for _ in range(9)]
+    assert Sampler(0, module.argmax_rows)(logits, rows).token_ids == got.tolist()

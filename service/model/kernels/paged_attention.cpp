@@ -7,10 +7,15 @@
 // pure-PyTorch path it must equal (tests/parity/test_paged_attention.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+extern "C" __m512 Sleef_expf16_u10(__m512);  // torch's SLEEF (exported by libtorch_cpu): exp of 16 floats
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -83,6 +88,103 @@ void attend_item(const T* qp, const T* kp, const T* vp, const int32_t* table, in
       op[(b * heads + h0 + h) * dim + d] = static_cast<T>(acc[h * dim + d] * inv_total[h]);
 }
 
+#if defined(__AVX512F__)
+// The AVX-512 path for head_dim 64 (every GPT-2 size): keys and values converted to float32 as they load
+// (no conversion buffer), 512-bit products, and the softmax's exponentials 16 at a time.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  alignas(64) float f[16];
+  _mm512_store_ps(f, v);
+  for (int i = 0; i < 16; ++i) p[i] = static_cast<at::BFloat16>(f[i]);
+}
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
+constexpr int64_t kAhead = 2;  // tokens ahead to prefetch: a sequence's blocks sit anywhere in the pool
+
+// Heads [h0, h1) of sequence b, token by token (each token's keys, then values, for those heads are one
+// contiguous run, which DRAM streams), with the scores exponentiated 16 at a time.
+template <typename T>
+void attend_rows_64(const T* qp, const T* kp, const T* vp, const std::vector<int64_t>& rows, int64_t b,
+                    int64_t h0, int64_t h1, int64_t heads, float scale, T* op, std::vector<float>& scores,
+                    std::vector<float>& query, std::vector<float>& acc) {
+  constexpr int64_t dim = 64;
+  const int64_t len = static_cast<int64_t>(rows.size()), nh = h1 - h0, width = nh * dim;
+  const int64_t row_stride = heads * dim, stride = len + 16;  // scores: one row of `stride` per head
+  scores.resize(nh * stride);
+  float* sc = scores.data();
+  float* qf = query.data();
+  for (int64_t i = 0; i < width; i += 16) _mm512_storeu_ps(qf + i, load16(qp + (b * heads + h0) * dim + i));
+  for (int64_t t = 0; t < len; ++t) {
+    const T* kr = kp + rows[t] * row_stride + h0 * dim;
+    if (t + kAhead < len) prefetch_row(kp + rows[t + kAhead] * row_stride + h0 * dim, width);
+    for (int64_t h = 0; h < nh; ++h) {
+      const T* kh = kr + h * dim;
+      const float* qh = qf + h * dim;
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(kh));
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16), load16(kh + 16), a);
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 32), load16(kh + 32), a);
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 48), load16(kh + 48), a);
+      sc[h * stride + t] = _mm512_reduce_add_ps(a) * scale;
+    }
+  }
+  std::vector<float> inv_total(nh);
+  for (int64_t h = 0; h < nh; ++h) {
+    float* sh = sc + h * stride;
+    const float m = *std::max_element(sh, sh + len);
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 total = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16) {
+      const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_loadu_ps(sh + t), mv));
+      _mm512_storeu_ps(sh + t, e);
+      total = _mm512_add_ps(total, e);
+    }
+    float sum = _mm512_reduce_add_ps(total);
+    for (; t < len; ++t) {
+      sh[t] = std::exp(sh[t] - m);
+      sum += sh[t];
+    }
+    inv_total[h] = 1.f / sum;
+  }
+  float* ac = acc.data();
+  std::fill(ac, ac + width, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    const T* vr = vp + rows[t] * row_stride + h0 * dim;
+    if (t + kAhead < len) prefetch_row(vp + rows[t + kAhead] * row_stride + h0 * dim, width);
+    for (int64_t h = 0; h < nh; ++h) {
+      const __m512 p = _mm512_set1_ps(sc[h * stride + t]);
+      const T* vh = vr + h * dim;
+      float* ah = ac + h * dim;
+      for (int64_t c = 0; c < dim; c += 16)
+        _mm512_storeu_ps(ah + c, _mm512_fmadd_ps(p, load16(vh + c), _mm512_loadu_ps(ah + c)));
+    }
+  }
+  for (int64_t h = 0; h < nh; ++h) {
+    const __m512 inv = _mm512_set1_ps(inv_total[h]);
+    T* oh = op + (b * heads + h0 + h) * dim;
+    for (int64_t c = 0; c < dim; c += 16) store16(oh + c, _mm512_mul_ps(_mm512_loadu_ps(ac + h * dim + c), inv));
+  }
+}
+#endif
+
+template <typename T>
+constexpr bool kVectorized =
+#if defined(__AVX512F__)
+    std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
+#else
+    false;
+#endif
+
 template <typename T>
 void decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                       const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
@@ -101,9 +203,22 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::T
   T* op = out.data_ptr<T>();
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, row_buffer(heads * dim), query(heads * dim), acc(heads * dim);
+    std::vector<int64_t> rows;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / groups, h0 = (item % groups) * per_group, h1 = std::min(heads, h0 + per_group);
       if (h0 >= h1) continue;
+#if defined(__AVX512F__)
+      if constexpr (kVectorized<T>) {
+        if (dim == 64) {
+          const int32_t* table = tables + b * max_blocks;
+          rows.resize(lens[b]);
+          for (int64_t t = 0; t < lens[b]; ++t)
+            rows[t] = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
+          attend_rows_64<T>(qp, kp, vp, rows, b, h0, h1, heads, static_cast<float>(scale), op, scores, query, acc);
+          continue;
+        }
+      }
+#endif
       attend_item<T>(qp, kp, vp, tables + b * max_blocks, lens[b], block_size, b, h0, h1, heads, dim,
                      static_cast<float>(scale), op, scores, row_buffer, query, acc);
     }
