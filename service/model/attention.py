@@ -7,7 +7,7 @@ contributes `query_len` new tokens after `context_len` cached ones. A cache with
 of `max_seq_len` tokens is the contiguous special case.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ class BatchLayout:
 
     def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The usual positions for this layout: context_len, context_len + 1, ... per sequence. (T,)"""
-        return torch.cat([torch.arange(c, c + q, device=device) for q, c in zip(self.query_lens, self.context_lens)])
+        positions = [p for q, c in zip(self.query_lens, self.context_lens) for p in range(c, c + q)]
+        return torch.tensor(positions, dtype=torch.long, device=device)  # one tensor, not one per sequence
 
 
 class KVCache:
@@ -106,18 +107,29 @@ class CacheIndex:
     """Rows of the cache pool for one step, computed once and shared by every layer."""
 
     write_rows: torch.Tensor  # (T,) where each new token's k/v goes
-    read_rows: list[torch.Tensor]  # per sequence: (context_len + query_len,) rows to attend over
     decode: _DecodeIndex | None  # the single-token sequences, padded to attend in one call
+    layout: BatchLayout
+    block_size: int
+    _read: dict = field(default_factory=dict, repr=False)
+
+    def read_rows(self, i: int) -> torch.Tensor:
+        """Sequence i's (context_len + query_len,) rows to attend over; built when first asked for (the
+        decode kernel reads block tables instead, so a decode step builds none)."""
+        if i not in self._read:
+            q_len, ctx, table = self.layout.query_lens[i], self.layout.context_lens[i], self.layout.block_tables[i]
+            pos = torch.arange(ctx + q_len)
+            rows = torch.tensor(table)[pos // self.block_size] * self.block_size + pos % self.block_size
+            self._read[i] = rows.to(self.write_rows.device)
+        return self._read[i]
 
 
 def cache_index(layout: BatchLayout, block_size: int, device: torch.device) -> CacheIndex:
-    read_rows = []
+    write = []
     for q_len, ctx, table in zip(layout.query_lens, layout.context_lens, layout.block_tables):
-        pos = torch.arange(ctx + q_len)
         assert ctx + q_len <= len(table) * block_size, "sequence exceeds its KV blocks"
-        read_rows.append((torch.tensor(table)[pos // block_size] * block_size + pos % block_size).to(device))
-    write_rows = torch.cat([rows[ctx:] for rows, ctx in zip(read_rows, layout.context_lens)])
-    return CacheIndex(write_rows, read_rows, _decode_index(layout, block_size, device))
+        write += [table[p // block_size] * block_size + p % block_size for p in range(ctx, ctx + q_len)]
+    write_rows = torch.tensor(write, dtype=torch.long, device=device)
+    return CacheIndex(write_rows, _decode_index(layout, block_size, device), layout, block_size)
 
 
 def _decode_index(layout: BatchLayout, block_size: int, device: torch.device) -> _DecodeIndex | None:
@@ -167,6 +179,10 @@ def attend(
     k_pool, v_pool = cache.k[layer], cache.v[layer]  # (rows, H, D)
     k_pool.index_copy_(0, index.write_rows, k)
     v_pool.index_copy_(0, index.write_rows, v)
+    if index.decode is not None and cache.decode_kernel is not None and len(index.decode.seq_ids) == len(q):
+        d = index.decode  # every token decodes (one per sequence, in order): no selection, no scatter
+        kernel = cache.decode_kernel.paged_decode_attention
+        return kernel(q, k_pool, v_pool, d.tables, d.lengths, cache.block_size, scale).flatten(1)
     out = torch.empty_like(q)
     batched: set[int] = set()
     if index.decode is not None and cache.decode_kernel is not None:  # the cache read in place
@@ -189,7 +205,7 @@ def attend(
     start = 0
     for i, (q_len, ctx) in enumerate(zip(layout.query_lens, layout.context_lens)):
         if i not in batched:
-            rows = index.read_rows[i]
+            rows = index.read_rows(i)
             qi = q[start : start + q_len].transpose(0, 1)  # (H, q_len, D)
             ki, vi = _gather(k_pool, rows).transpose(0, 1), _gather(v_pool, rows).transpose(0, 1)  # (H, ctx + q_len, D)
             out[start : start + q_len] = _sdpa(qi, ki, vi, ctx, scale).transpose(0, 1)
