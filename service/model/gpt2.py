@@ -112,7 +112,7 @@ class GPT2(nn.Module):
         cached per process and shape, so every engine in a process computes the same numbers. Returns their
         description."""
         dtype, threads = self.wte.weight.dtype, torch.get_num_threads()
-        key = (self.cfg.n_embd, self.cfg.n_inner, self.cfg.vocab_size, rows, dtype, threads)
+        key = (self.cfg.n_embd, self.cfg.n_inner, self.cfg.vocab_size, rows, dtype, threads, compiled)
         block = self.h[0]
         linears = [block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj]
         blocks = linear.choose(linears, ("block", *key), rows, quantization, compiled)

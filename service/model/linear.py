@@ -6,6 +6,9 @@ Kernels (all give the same products up to float rounding, ~1e-6 relative in floa
 - `aten`: `F.linear` (MKL on x86 builds of torch);
 - `weight_left`: the same product as (W x^T)^T, which MKL computes much faster on some CPUs (measured on a
   2-core AVX2 EPYC, 48 GPT-2-small linears at 64 rows: 154 -> 99 ms); large regime only;
+- `gemv` (small regime, float32, where the C++ kernel builds): our own product for one or two rows
+  (`kernels/gemv.cpp`), which streams the weight in contiguous runs per thread; 3 to 15 rows go to
+  `F.linear`;
 - `onednn`: torch's bundled oneDNN on a weight packed once at load (`mkldnn._reorder_linear_weight`), with
   the activation (GELU, ReLU) or the residual add fused into the product. Where bf16 matrix units exist
   (AMX) this is their path; on AMD CPUs, where MKL takes a generic slow path, it is oneDNN's AVX2 code.
@@ -29,8 +32,8 @@ from torch import nn
 from . import kernels
 
 SMALL_ROWS = 16  # fewer rows than this: the small regime (memory-bound: every kernel streams the weight)
-INT8_GEMV_ROWS = 3  # fewer rows than this: the compiled int8 kernel's own product (faster than oneDNN's there)
-KERNELS = ("aten", "weight_left", "onednn")  # the exact kernels, chosen by timing
+GEMV_ROWS = 3  # fewer rows than this: our compiled products (`gemv`, and int8's), faster than the libraries
+KERNELS = ("aten", "weight_left", "onednn", "gemv")  # the exact kernels, chosen by timing
 QUANTIZATIONS = ("none", "int8")
 # The model's activation functions (the names of HF's ACT2FN), and those oneDNN fuses into the product:
 # name -> (oneDNN post-op, its algorithm).
@@ -67,7 +70,7 @@ class Int8Weight:
     zero_points: torch.Tensor  # (out,) int64 zeros, as the op wants them
     compiled: object | None = None
     # With `compiled`: q itself (out, in) and its row sums (int32), which the compiled kernel's own product
-    # streams for fewer than INT8_GEMV_ROWS rows (there oneDNN's int8 product reads DRAM at 2/3 of the
+    # streams for fewer than GEMV_ROWS rows (there oneDNN's int8 product reads DRAM at 2/3 of the
     # bandwidth a plain read gets: 13-15 against 20-22 GB/s on a 2-core Xeon).
     plain: torch.Tensor | None = None
     sums: torch.Tensor | None = None
@@ -146,6 +149,11 @@ def _bytes(packed) -> int:
 def _product(choice: KernelChoice, x, weight, bias, packed, activation=None, residual=None) -> torch.Tensor:
     """x W^T + bias, then the activation, then + residual, by the kernel `choice` names for x's rows."""
     kernel = choice.small if x.shape[0] < SMALL_ROWS else choice.large
+    if kernel == "gemv":
+        if x.shape[0] < GEMV_ROWS and (activation is None or (activation in INT8_FUSED and residual is None)):
+            gelu = INT8_FUSED[activation] if activation is not None else ""
+            return kernels.gemv().linear_small(x, weight, bias, gelu, residual)
+        kernel = "aten"
     if kernel == "int8":
         return _int8(x, packed, bias, activation, residual)
     if kernel == "onednn":
@@ -169,7 +177,7 @@ def _onednn(x, packed, bias, activation, residual) -> torch.Tensor:
     return y if residual is None else y + residual
 
 
-# The activations the compiled int8 linear applies (as ATen's GELU approximation names).
+# The activations the compiled linears apply (as ATen's GELU approximation names).
 INT8_FUSED = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
@@ -181,7 +189,7 @@ def _int8(x, weight: Int8Weight, bias, activation, residual) -> torch.Tensor:
         gelu = INT8_FUSED[activation] if activation is not None else ""
         w = weight
         return w.compiled.int8_linear(
-            x, w.packed, w.scales, w.zero_points, w.plain, w.sums, INT8_GEMV_ROWS, bias, gelu, residual
+            x, w.packed, w.scales, w.zero_points, w.plain, w.sums, GEMV_ROWS, bias, gelu, residual
         )
     q, scale = quantize_rows(x.contiguous())
     y = torch.ops.onednn.qlinear_pointwise(
@@ -258,8 +266,9 @@ def choose(
         choice = KernelChoice()
     else:
         candidates = [k for k in KERNELS if k != "onednn" or onednn_available(weight)]
-        small = _fastest(linears, [k for k in candidates if k != "weight_left"], 1)
-        large = _fastest(linears, candidates, max(rows, SMALL_ROWS))
+        gemv = compiled and weight.dtype == torch.float32 and kernels.gemv() is not None
+        small = _fastest(linears, [k for k in candidates if k != "weight_left" and (k != "gemv" or gemv)], 1)
+        large = _fastest(linears, [k for k in candidates if k != "gemv"], max(rows, SMALL_ROWS))
         choice = KernelChoice(small, large)
     _CHOICES[key] = choice
     return choice

@@ -7,6 +7,7 @@ the two.
   instead of gathering every sequence's context into a contiguous copy per layer and step.
 - `int8_linear()`: the int8 linear in one call (`int8_linear.cpp`): quantize the rows, oneDNN's int8
   product, rescale + bias + activation + residual in one pass; twin: `linear._int8`.
+- `gemv()`: the float32 linear for one or two rows (`gemv.cpp`); twin: `F.linear`.
 - `argmax_rows()`: greedy decoding's argmax (`argmax.cpp`); twin: `torch.max(dim=-1).indices`.
 """
 
@@ -29,6 +30,11 @@ def paged_attention():
 def int8_linear():
     """The compiled module (with `int8_linear`, `quantize_rows`), or None when it cannot be built here."""
     return _build("int8_linear", ["int8_linear.cpp"])
+
+
+def gemv():
+    """The compiled module (with `linear_small`), or None when it cannot be built here."""
+    return _build("gemv", ["gemv.cpp"])
 
 
 def argmax_rows():
