@@ -111,8 +111,15 @@ async def _framed(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield sse("[DONE]")
 
 
+# Characters JSON leaves unescaped (with ensure_ascii=False) that str.splitlines treats as line breaks: a
+# client that reads the stream with httpx's iter_lines would cut an event in two at them (a model can
+# generate U+0085 or U+2028 like any other character).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict | str) -> bytes:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)
+    return f"data: {text}\n\n".encode()
 
 
 def sse_error(exc: BaseException) -> bytes:
