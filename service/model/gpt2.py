@@ -107,10 +107,9 @@ class GPT2(nn.Module):
 
     def prepare_kernels(self, rows: int = 64, quantization: str = "none", compiled: bool = True) -> str:
         """Choose and set up the linear kernels for this machine (see `linear`): with `quantization` int8,
-        int8 weights for every linear and the head (`compiled`: each in one C++ call where the kernel
-        builds); else the exact kernels timed at 1 and `rows` rows,
-        cached per process and shape, so every engine in a process computes the same numbers. Returns their
-        description."""
+        int8 weights for every linear and the head; else the exact kernels timed at 1 and `rows` rows, cached
+        per process, shape and `compiled` (whether the C++ kernels may serve), so every engine in a process
+        computes the same numbers. Returns their description."""
         dtype, threads = self.wte.weight.dtype, torch.get_num_threads()
         key = (self.cfg.n_embd, self.cfg.n_inner, self.cfg.vocab_size, rows, dtype, threads, compiled)
         block = self.h[0]

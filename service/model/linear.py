@@ -15,8 +15,10 @@ Kernels (all give the same products up to float rounding, ~1e-6 relative in floa
 - `int8` (`QUANTIZATION=int8` only, never chosen by timing): oneDNN's int8 product
   (`onednn::qlinear_pointwise`: AMX-INT8, AVX-512 VNNI or AVX2, whichever the CPU has) on weights quantized
   symmetrically per output channel, with each activation row quantized on the fly to 8 bits with its own
-  scale (as CTranslate2's int8 and llama.cpp's q8_0 do), then rescaled, biased, activated and added in the
-  activation dtype. Not exact: its cost in quality is measured in docs/engine.md.
+  scale (as CTranslate2's int8 and llama.cpp's q8_0 do); the exact int32 product is rescaled, biased,
+  activated and added in float32, then rounded once to the activation dtype. Where `kernels.int8_linear`
+  builds, each linear is one C++ call, with our own product below `GEMV_ROWS` rows. Not exact: its cost in
+  quality is measured in docs/engine.md.
 
 Nothing here decides the dtype or the batch: the engine's runner does.
 """
@@ -118,10 +120,6 @@ class Linear(nn.Linear):
     def use(self, choice: KernelChoice) -> None:
         self.choice, self._packed = choice, _pack(self.weight, choice)
 
-    @property
-    def packed_bytes(self) -> int:
-        return _bytes(self._packed)
-
     def forward(
         self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -138,20 +136,12 @@ def _pack(weight: torch.Tensor, choice: KernelChoice) -> torch.Tensor | Int8Weig
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
 
 
-def _bytes(packed) -> int:
-    if packed is None:
-        return 0
-    if isinstance(packed, Int8Weight):
-        return sum(t.nbytes for t in (packed.packed, packed.scales, packed.plain, packed.sums) if t is not None)
-    return packed.nbytes
-
-
 def _product(choice: KernelChoice, x, weight, bias, packed, activation=None, residual=None) -> torch.Tensor:
     """x W^T + bias, then the activation, then + residual, by the kernel `choice` names for x's rows."""
     kernel = choice.small if x.shape[0] < SMALL_ROWS else choice.large
     if kernel == "gemv":
-        if x.shape[0] < GEMV_ROWS and (activation is None or (activation in INT8_FUSED and residual is None)):
-            gelu = INT8_FUSED[activation] if activation is not None else ""
+        if x.shape[0] < GEMV_ROWS and (activation is None or (activation in FUSED_GELU and residual is None)):
+            gelu = FUSED_GELU[activation] if activation is not None else ""
             return kernels.gemv().linear_small(x, weight, bias, gelu, residual)
         kernel = "aten"
     if kernel == "int8":
@@ -177,19 +167,27 @@ def _onednn(x, packed, bias, activation, residual) -> torch.Tensor:
     return y if residual is None else y + residual
 
 
-# The activations the compiled linears apply (as ATen's GELU approximation names).
-INT8_FUSED = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+# The activations our compiled linears (`gemv`, int8) apply themselves, as ATen's GELU approximation names.
+FUSED_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
 def _int8(x, weight: Int8Weight, bias, activation, residual) -> torch.Tensor:
     """The int8 linear: compiled in one call where it was built, else this twin (the same float32 arithmetic
     after the exact int32 product, rounded once to x's dtype)."""
-    fusable = activation is None or (activation in INT8_FUSED and residual is None)
+    fusable = activation is None or (activation in FUSED_GELU and residual is None)
     if weight.compiled is not None and fusable:
-        gelu = INT8_FUSED[activation] if activation is not None else ""
-        w = weight
-        return w.compiled.int8_linear(
-            x, w.packed, w.scales, w.zero_points, w.plain, w.sums, GEMV_ROWS, bias, gelu, residual
+        gelu = FUSED_GELU[activation] if activation is not None else ""
+        return weight.compiled.int8_linear(
+            x,
+            weight.packed,
+            weight.scales,
+            weight.zero_points,
+            weight.plain,
+            weight.sums,
+            GEMV_ROWS,
+            bias,
+            gelu,
+            residual,
         )
     q, scale = quantize_rows(x.contiguous())
     y = torch.ops.onednn.qlinear_pointwise(
@@ -228,10 +226,6 @@ class Head:
 
     def use(self, choice: KernelChoice) -> None:
         self.choice, self._packed = choice, _pack(self.weight, choice)
-
-    @property
-    def packed_bytes(self) -> int:
-        return _bytes(self._packed)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return _product(self.choice, hidden, self.weight, None, self._packed).contiguous()
