@@ -9,10 +9,12 @@ and its own torch.distributed rank).
 
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import IO
 
 import torch
+from tqdm import tqdm
 
 from model_store import ModelStore
 from model_store.__main__ import main
@@ -89,6 +91,9 @@ def fork_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, I
             sys.stderr = os.fdopen(write_fd, "w", buffering=1)
             os.environ.update(env or {})
             torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
+            # tqdm's write lock is a semaphore shared with the parent across fork: killed while holding it
+            # (inside tqdm.write), the child would leave the parent's next progress bar waiting forever.
+            tqdm.set_lock(threading.RLock())
             code = main(args)
         finally:
             os._exit(code)
