@@ -266,7 +266,7 @@ class Engine:
 
 
 def _argmax_kernel(config: EngineConfig, device: torch.device):
-    module = kernels.argmax_rows() if config.compiled_kernels and device.type == "cpu" else None
+    module = kernels.logit_rows() if config.compiled_kernels and device.type == "cpu" else None
     return module.argmax_rows if module is not None else None
 
 

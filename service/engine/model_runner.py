@@ -46,7 +46,9 @@ class PromptScores:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, compiled_kernels: bool = True) -> None:
         self.model, self.device = loaded.model, loaded.device
-        decode_kernel = kernels.paged_attention() if compiled_kernels and loaded.device.type == "cpu" else None
+        on_cpu = compiled_kernels and loaded.device.type == "cpu"
+        decode_kernel = kernels.paged_attention() if on_cpu else None
+        self._rows_kernel = kernels.logit_rows() if on_cpu else None  # target logprobs in one pass
         self.cache = KVCache(
             self.model.cfg,
             num_blocks,
@@ -94,8 +96,14 @@ class ModelRunner:
         a long prompt would be tens of MB, fresh pages on every call."""
         parts = []
         for i in range(0, len(rows), SCORE_CHUNK_ROWS):
-            logits = self.model.compute_logits(rows[i : i + SCORE_CHUNK_ROWS]).float()  # (chunk, vocab)
+            logits = self.model.compute_logits(rows[i : i + SCORE_CHUNK_ROWS])  # (chunk, vocab), model dtype
             wanted = targets[i : i + SCORE_CHUNK_ROWS]
+            if top == 0 and self._rows_kernel is not None:  # no alternatives: no (chunk, vocab) log_softmax
+                chosen, greedy = self._rows_kernel.target_logprobs(logits, wanted)
+                none = torch.empty(len(wanted), 0)
+                parts.append((chosen, none.long(), none, greedy))
+                continue
+            logits = logits.float()
             chosen, top_ids, top_lps = logprobs_topn(logits, wanted, top)
             parts.append((chosen, top_ids, top_lps, logits.max(dim=-1).indices == wanted))  # first argmax
         chosen, top_ids, top_lps, greedy = (torch.cat(p) for p in zip(*parts))

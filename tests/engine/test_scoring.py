@@ -26,18 +26,20 @@ def hf_logprobs(hf, tokens):
         return torch.log_softmax(hf(torch.tensor([tokens])).logits[0].float(), -1)  # (L, V)
 
 
+@pytest.mark.parametrize("top", [5, 0])  # 0: the compiled one-pass target logprobs, where built
 @pytest.mark.parametrize("budget", [8, 256])  # chunked prefill and one chunk
-def test_prompt_logprobs_equal_hf(tiny, budget):
+def test_prompt_logprobs_equal_hf(tiny, budget, top):
     loaded, hf = tiny
     tokens = random_prompts(1, loaded.model.cfg.vocab_size, 31, 50, 50)[0]
-    got, _ = score(make_engine(loaded, max_num_batched_tokens=budget), "s", tokens)
+    params = SamplingParams(max_tokens=0, prompt_logprobs=top)
+    got, _ = score(make_engine(loaded, max_num_batched_tokens=budget), "s", tokens, params)
     ref = hf_logprobs(hf, tokens)
     assert len(got) == len(tokens) - 1 and got[0].token_id == tokens[1]
     for j, entry in enumerate(got):  # entry j scores token j + 1 given tokens 0..j
         assert abs(entry.logprob - ref[j, tokens[j + 1]].item()) <= 1e-4
-        top = ref[j].topk(5)
-        assert [t for t, _ in entry.top] == top.indices.tolist()
-        assert max(abs(lp - r) for (_, lp), r in zip(entry.top, top.values.tolist())) <= 1e-4
+        best = ref[j].topk(top)
+        assert [t for t, _ in entry.top] == best.indices.tolist()
+        assert all(abs(lp - r) <= 1e-4 for (_, lp), r in zip(entry.top, best.values.tolist()))
         assert entry.greedy == (ref[j].argmax().item() == tokens[j + 1])
     assert any(e.greedy for e in got) or not any(ref[j].argmax() == tokens[j + 1] for j in range(len(got)))
 

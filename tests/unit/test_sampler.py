@@ -295,7 +295,7 @@ def test_apply_penalties_noop_returns_input_unchanged():
 def test_the_compiled_argmax_equals_torch_max(dtype):
     from service.model import kernels
 
-    module = kernels.argmax_rows()
+    module = kernels.logit_rows()
     if module is None:
         pytest.skip("no C++ compiler here: torch.max serves alone")
     torch.manual_seed(0)
@@ -310,3 +310,29 @@ def test_the_compiled_argmax_equals_torch_max(dtype):
     assert torch.equal(module.argmax_rows(logits[:, :13]), logits[:, :13].max(dim=-1).indices)  # shorter than a vector
     rows = [row(SamplingParams(temperature=0.0)) for _ in range(9)]
     assert Sampler(0, module.argmax_rows)(logits, rows).token_ids == got.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_target_logprobs_equal_log_softmax(dtype):
+    """Scoring's one-pass target logprob and greedy flag against log_softmax + gather and torch.max."""
+    from service.model import kernels
+
+    module = kernels.logit_rows()
+    if module is None:
+        pytest.skip("no C++ compiler here: log_softmax serves alone")
+    torch.manual_seed(1)
+    logits = (torch.randn(7, 50257) * 4).to(dtype)
+    logits[1, :100] = float("-inf")  # masked entries count for nothing
+    logits[2, 3] = logits[2].max() + 5  # a clear argmax, the target below
+    logits[3, 11] = float("nan")  # a NaN row: NaN logprob, as log_softmax gives
+    targets = torch.tensor([0, 200, 3, 5, 50256, 7, 8])
+    targets[5] = logits[5].float().argmax()
+    chosen, greedy = module.target_logprobs(logits, targets)
+    reference, _, _ = logprobs_topn(logits, targets, 0)
+    assert chosen.dtype == torch.float32 and greedy.dtype == torch.bool
+    finite = ~reference.isnan()
+    assert torch.equal(finite, ~chosen.isnan()) and not finite[3]
+    assert (chosen[finite] - reference[finite]).abs().max() <= 1e-5
+    assert torch.equal(greedy, logits.max(dim=-1).indices == targets) and greedy[2] and greedy[5]
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        module.target_logprobs(logits, torch.full((7,), 50257))

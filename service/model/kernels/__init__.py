@@ -8,7 +8,8 @@ the two.
 - `int8_linear()`: the int8 linear in one call (`int8_linear.cpp`): quantize the rows, oneDNN's int8
   product, rescale + bias + activation + residual in one pass; twin: `linear._int8`.
 - `gemv()`: the float32 linear for one or two rows (`gemv.cpp`); twin: `F.linear`.
-- `argmax_rows()`: greedy decoding's argmax (`argmax.cpp`); twin: `torch.max(dim=-1).indices`.
+- `logit_rows()`: reductions over rows of logits (`logit_rows.cpp`): greedy decoding's argmax (twin:
+  `torch.max(dim=-1).indices`) and scoring's target logprobs (twin: `sampler.logprobs_topn`).
 """
 
 import logging
@@ -37,9 +38,9 @@ def gemv():
     return _build("gemv", ["gemv.cpp"])
 
 
-def argmax_rows():
-    """The compiled module (with `argmax_rows`), or None when it cannot be built here."""
-    return _build("argmax", ["argmax.cpp"])
+def logit_rows():
+    """The compiled module (with `argmax_rows`, `target_logprobs`), or None when it cannot be built here."""
+    return _build("logit_rows", ["logit_rows.cpp"])
 
 
 def _build(name: str, sources: list[str]):
