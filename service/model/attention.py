@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from model_store.manifest import ArchConfig
 
+from . import memory
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -61,8 +63,11 @@ class KVCache:
         decode attention then uses instead of gathering the blocks; the caller gives one only on CPU."""
         shape = (cfg.n_layer, num_blocks * block_size, cfg.n_head, cfg.head_dim)
         self.decode_kernel = decode_kernel
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        if torch.device(device).type == "cpu":  # decode attention streams them: on huge pages where given
+            self.k, self.v = memory.zeros(shape, dtype), memory.zeros(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
         self._workspace = (self.k.new_empty(0), self.v.new_empty(0))
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from model_store.manifest import ArchConfig
 
-from . import linear
+from . import kernels, linear
 from .attention import BatchLayout, CacheIndex, KVCache, attend, cache_index
 from .linear import ACTIVATIONS, Head, Linear
 
@@ -81,6 +81,7 @@ class GPT2(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self._head: Head | None = None  # the head's kernels, built on first use
+        self._decoder = None  # kernels.small_decoder()'s SmallDecoder, where prepare_kernels made one
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout, cache: KVCache | None = None
@@ -88,6 +89,10 @@ class GPT2(nn.Module):
         """input_ids, positions: (T,) for the flat batch. Returns final hidden states (T, n_embd)."""
         x = self.wte(input_ids) + self.wpe(positions)  # (T, n_embd)
         index = cache_index(layout, cache.block_size, x.device) if cache is not None else None
+        if self._decoder is not None and _small_decode(x, layout, cache, index):
+            d = index.decode
+            x = self._decoder.forward(x, cache.k, cache.v, index.write_rows, d.tables, d.lengths, cache.block_size)
+            return self.ln_f(x)
         for block in self.h:
             x = block(x, layout, cache, index)
         return self.ln_f(x)
@@ -120,8 +125,43 @@ class GPT2(nn.Module):
             if isinstance(module, Linear):
                 module.use(blocks)
         self.head.use(head)
+        self._decoder = self._small_decoder(blocks) if compiled else None
         return self.describe_kernels()
+
+    def _small_decoder(self, choice: linear.KernelChoice):
+        """Every block of a decode step of fewer than GEMV_ROWS sequences in one C++ call, making the calls
+        the blocks make for such a step (compiled float32 `gemv` or int8 products), or None where the
+        blocks would make others."""
+        module = kernels.small_decoder() if self.wte.weight.device.type == "cpu" else None
+        int8 = choice.small == "int8" and choice.compiled
+        fp32 = choice.small == "gemv" and self.wte.weight.dtype == torch.float32
+        if module is None or not (int8 or fp32) or self.cfg.activation_function not in linear.FUSED_GELU:
+            return None
+        none = torch.empty(0)
+        tensors, scales = [], []
+        for block in self.h:
+            row = [block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias]
+            for m in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+                q = m._packed if int8 else None
+                row += [m.weight, m.bias]
+                row += [q.packed, q.scales, q.zero_points, q.plain, q.sums] if int8 else [none] * 5
+            tensors.append(row)
+            scales.append(block.attn.scale)
+        eps, gelu = self.cfg.layer_norm_epsilon, linear.FUSED_GELU[self.cfg.activation_function]
+        return module.SmallDecoder(tensors, scales, eps, self.cfg.n_head, gelu, int8, linear.GEMV_ROWS)
 
     def describe_kernels(self) -> str:
         isa = torch.backends.cpu.get_cpu_capability() if self.wte.weight.device.type == "cpu" else "cuda"
         return f"blocks: {self.h[0].mlp.fc.choice.describe()}; head: {self.head.choice.describe()} ({isa})"
+
+
+def _small_decode(x: torch.Tensor, layout: BatchLayout, cache: KVCache | None, index: CacheIndex | None) -> bool:
+    """Whether this step is one the SmallDecoder computes: fewer than GEMV_ROWS tokens, each a sequence's
+    next one, attended by the compiled decode kernel."""
+    return (
+        x.shape[0] < linear.GEMV_ROWS
+        and cache is not None
+        and cache.decode_kernel is not None
+        and index.decode is not None
+        and len(index.decode.seq_ids) == x.shape[0]
+    )

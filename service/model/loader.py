@@ -17,6 +17,7 @@ from model_store import Manifest, ModelRef, ModelStore
 from model_store.hardware import has_bf16_matrix_units
 from model_store.manifest import WEIGHTS_FILE
 
+from . import memory
 from .gpt2 import GPT2
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,7 +65,10 @@ def load_model(
     with torch.device("meta"):
         model = GPT2(stored.manifest.config)
     weights = load_file(str(stored.path / WEIGHTS_FILE), device=str(dev))
-    model.load_state_dict({k: v.to(torch_dtype) for k, v in weights.items()}, strict=True, assign=True)
+    weights = {k: weights.pop(k).to(torch_dtype) for k in list(weights)}
+    if dev.type == "cpu":
+        weights = memory.on_huge_pages(weights)  # decode streams them every step
+    model.load_state_dict(weights, strict=True, assign=True)
     model.eval().requires_grad_(False)
     tokenizer = Tokenizer.from_file(str(stored.path / stored.manifest.tokenizer.file))
     return LoadedModel(model, tokenizer, stored.manifest, dev, torch_dtype)

@@ -1,5 +1,6 @@
 """The synchronous engine on a tiny random GPT-2: batched equals alone, HF parity, seeds, stops, memory."""
 
+import dataclasses
 import random
 
 import pytest
@@ -9,12 +10,13 @@ from service.engine import Engine, EngineConfig, EngineRequest, FinishReason, Sa
 from service.model import KVCache
 
 
-def make_engine(loaded, kv_tokens=4096, block_size=4, compiled_kernels=True, **sched):
+def make_engine(loaded, kv_tokens=4096, block_size=4, compiled_kernels=True, quantization="none", **sched):
     cfg = loaded.model.cfg
     kv_bytes = kv_tokens * KVCache.bytes_per_token(cfg, loaded.dtype)
     defaults = dict(max_num_seqs=32, max_num_batched_tokens=64, max_model_len=cfg.n_positions)
     scheduler = SchedulerConfig(**{**defaults, **sched})
-    return Engine(loaded, EngineConfig(scheduler, kv_bytes, block_size, seed=0, compiled_kernels=compiled_kernels))
+    config = EngineConfig(scheduler, kv_bytes, block_size, seed=0, compiled_kernels=compiled_kernels)
+    return Engine(loaded, dataclasses.replace(config, quantization=quantization))
 
 
 def run_all(engine, arrivals):
@@ -235,3 +237,54 @@ def test_the_compiled_decode_attention_changes_no_output(tiny):
 
 def engine_uses_kernel(loaded) -> bool:
     return make_engine(loaded).runner.cache.decode_kernel is not None
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_the_small_decoder_gives_the_blocks_bits(tiny, quantization):
+    """Decode steps of one and two sequences through the compiled SmallDecoder equal, bit for bit, the same
+    steps through the blocks one call at a time (float32 `gemv` products, and int8's)."""
+    from service.model import kernels
+    from service.model.linear import GEMV_ROWS, KernelChoice, Linear
+
+    if kernels.small_decoder() is None:
+        pytest.skip("the C++ kernels could not be built here")
+    loaded, _ = tiny
+    model = loaded.model
+    prompts = random_prompts(2, model.cfg.vocab_size, 41, 5, 30)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+    choice = KernelChoice("gemv", "aten")  # the timing may prefer aten for a model this small: set it
+
+    def run(fused):
+        engine = make_engine(loaded, quantization=quantization)
+        if quantization == "none":
+            for m in model.modules():
+                if isinstance(m, Linear):
+                    m.use(choice)
+            model._decoder = model._small_decoder(choice)
+        assert model._decoder is not None
+        calls = []
+        model._decoder = Spy(model._decoder, calls) if fused else None
+        for i, p in enumerate(prompts):  # r1 ends first: steps of two sequences, then of one
+            engine.add(EngineRequest(f"r{i}", p, dataclasses.replace(params, max_tokens=12 - 6 * i)))
+        got = {}
+        while engine.has_work:
+            for out in engine.step():
+                tokens, lps = got.get(out.request_id, ([], []))
+                got[out.request_id] = (tokens + out.token_ids, lps + out.logprobs)
+        return got, calls
+
+    try:
+        (fused, calls), (blocks, _) = run(True), run(False)
+    finally:
+        model.prepare_kernels()
+    assert fused == blocks and [len(blocks[r][0]) for r in ("r0", "r1")] == [12, 6]
+    assert {1, 2} <= set(calls) and all(n < GEMV_ROWS for n in calls)  # it served the steps of one and two sequences
+
+
+class Spy:
+    def __init__(self, decoder, calls):
+        self.decoder, self.calls = decoder, calls
+
+    def forward(self, x, *args):
+        self.calls.append(x.shape[0])
+        return self.decoder.forward(x, *args)

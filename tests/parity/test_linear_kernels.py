@@ -29,6 +29,7 @@ def test_gemv_equals_f_linear(rows, shape):
         got = GEMV.linear_small(x, weight, bias, gelu, add)
         assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert (GEMV.linear_small(x, weight, None, "", None) - F.linear(x, weight)).abs().max() <= 1e-5 * k**0.5
+    assert GEMV.linear_small(x[:0], weight, bias, "", None).shape == (0, n)  # no rows: nothing read or written
 
 
 def test_a_linear_on_gemv_falls_back_to_f_linear_from_three_rows():

@@ -1,10 +1,13 @@
 // The float32 linear for one or two rows (batch-1 decode), which only streams the weight: each thread takes a
-// contiguous range of output rows and reads them once, four at a time, against the activation rows held in
-// L1; the bias and the residual are added as each output is stored, a GELU by ATen's kernel after. Offered to
+// contiguous range of output rows and reads them once, one row after the next (a single sequential stream per
+// thread: reading four rows at a time as four streams was 15-20 % slower on a 2-core Zen 4 EPYC), against the
+// activation rows held in L1; the bias and the residual are added as each output is stored, a GELU by ATen's kernel after. Offered to
 // linear.py's per-machine timing as the `gemv` kernel for fewer than three rows, kept only where it is the
 // fastest; F.linear is its twin (the same products, summed in another order: ~1e-6 relative).
-// Built by service/model/kernels/__init__.py with torch.utils.cpp_extension.
-#include <torch/extension.h>
+// Part of the kernels module (module.cpp, built by kernels/__init__.py).
+#include "kernels.h"
+
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -37,49 +40,32 @@ inline float vsum(Vec v) {
 
 constexpr int64_t kMaxRows = 2;
 
-// y[r, j] = sum_k x[r, k] w[j, k] for rows r < m (m <= kMaxRows), output rows [j0, j1).
-void dot_rows(const float* x, int64_t m, int64_t k, const float* w, int64_t j0, int64_t j1, float* y, int64_t n) {
+// y[r, j] = sum_k x[r, k] w[j, k] for rows r < M, output rows [j0, j1).
+template <int64_t M>
+void dot_rows(const float* x, int64_t k, const float* w, int64_t j0, int64_t j1, float* y, int64_t n) {
 #ifdef GEMV_SCALAR
   for (int64_t j = j0; j < j1; ++j)
-    for (int64_t r = 0; r < m; ++r) {
+    for (int64_t r = 0; r < M; ++r) {
       float s = 0.f;
       for (int64_t i = 0; i < k; ++i) s += x[r * k + i] * w[j * k + i];
       y[r * n + j] = s;
     }
 #else
   const int64_t kv = k - k % kWidth;
-  int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) {  // four weight rows (one contiguous run) against every activation row
-    const float* w0 = w + j * k;
-    Vec acc[kMaxRows][4];
-    for (int64_t r = 0; r < m; ++r)
-      for (int c = 0; c < 4; ++c) acc[r][c] = vzero();
+  for (int64_t j = j0; j < j1; ++j) {  // one weight row at a time: each thread reads one sequential stream
+    const float* wj = w + j * k;
+    Vec acc[M];
+    for (int64_t r = 0; r < M; ++r) acc[r] = vzero();
     for (int64_t i = 0; i < kv; i += kWidth) {
-      const Vec a = vload(w0 + i), b = vload(w0 + k + i), c = vload(w0 + 2 * k + i), d = vload(w0 + 3 * k + i);
-      for (int64_t r = 0; r < m; ++r) {
-        const Vec xv = vload(x + r * k + i);
-        acc[r][0] = vfma(a, xv, acc[r][0]);
-        acc[r][1] = vfma(b, xv, acc[r][1]);
-        acc[r][2] = vfma(c, xv, acc[r][2]);
-        acc[r][3] = vfma(d, xv, acc[r][3]);
-      }
+      const Vec wv = vload(wj + i);
+      for (int64_t r = 0; r < M; ++r) acc[r] = vfma(wv, vload(x + r * k + i), acc[r]);
     }
-    for (int64_t r = 0; r < m; ++r)
-      for (int c = 0; c < 4; ++c) {
-        float s = vsum(acc[r][c]);
-        for (int64_t i = kv; i < k; ++i) s += x[r * k + i] * w0[c * k + i];
-        y[r * n + j + c] = s;
-      }
-  }
-  for (; j < j1; ++j)
-    for (int64_t r = 0; r < m; ++r) {
-      const float* wj = w + j * k;
-      Vec acc = vzero();
-      for (int64_t i = 0; i < kv; i += kWidth) acc = vfma(vload(wj + i), vload(x + r * k + i), acc);
-      float s = vsum(acc);
+    for (int64_t r = 0; r < M; ++r) {
+      float s = vsum(acc[r]);
       for (int64_t i = kv; i < k; ++i) s += x[r * k + i] * wj[i];
       y[r * n + j] = s;
     }
+  }
 #endif
 }
 
@@ -106,7 +92,11 @@ at::Tensor linear_small(const at::Tensor& x_in, const at::Tensor& weight, const 
   const float* bp = b ? b->data_ptr<float>() : nullptr;
   const float* rp = res ? res->data_ptr<float>() : nullptr;
   at::parallel_for(0, n, 64, [&](int64_t j0, int64_t j1) {
-    dot_rows(xp, m, k, wp, j0, j1, yp, n);
+    if (m == 1) {
+      dot_rows<1>(xp, k, wp, j0, j1, yp, n);
+    } else if (m == 2) {
+      dot_rows<2>(xp, k, wp, j0, j1, yp, n);
+    }  // m == 0: nothing to compute
     for (int64_t r = 0; r < m; ++r)
       for (int64_t j = j0; j < j1; ++j) {
         float v = yp[r * n + j];
@@ -116,8 +106,4 @@ at::Tensor linear_small(const at::Tensor& x_in, const at::Tensor& weight, const 
       }
   });
   return gelu.empty() ? y : at::gelu_(y, gelu);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_small", &linear_small, "float32 x W^T + bias (+ GELU) (+ residual) for one or two rows");
 }

@@ -3,8 +3,10 @@
 // scales, the bias and the residual applied in one pass over the output (a GELU by ATen's kernel after it). The same arithmetic
 // as linear._int8 in PyTorch (its twin, tests/engine/test_quantization.py), with about ten fewer dispatches
 // per linear: at batch 1 they were a third of the step.
-// Built by service/model/kernels/__init__.py with torch.utils.cpp_extension.
-#include <torch/extension.h>
+// Part of the kernels module (module.cpp, built by kernels/__init__.py).
+#include "kernels.h"
+
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <immintrin.h>
@@ -206,9 +208,4 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     return at::gelu_(y, gelu).to(x.scalar_type());
   }
   return gelu.empty() ? out : at::gelu_(out, gelu);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quantize_rows", &quantize_rows, "per-row symmetric 8-bit quantization, stored as uint8 + 128");
-  m.def("int8_linear", &int8_linear, "quantize rows, oneDNN int8 product, rescale + bias + activation + residual");
 }

@@ -4,9 +4,11 @@
 //   bfloat16 logits at about 5 GB/s (64 x 50257: 1.2-1.5 ms, ~5 % of a 64-sequence bf16 decode step).
 // - target_logprobs: scoring's logprob of each row's target token and whether it is the argmax, without
 //   writing the (B, vocab) log_softmax (its float32 log_softmax and max were 8 % of a scoring run).
-// Built by service/model/kernels/__init__.py with torch.utils.cpp_extension; the sampler's and the runner's
+// Part of the kernels module (module.cpp, built by kernels/__init__.py); the sampler's and the runner's
 // tests compare them with the ATen ops.
-#include <torch/extension.h>
+#include "kernels.h"
+
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -137,9 +139,4 @@ std::tuple<at::Tensor, at::Tensor> target_logprobs(const at::Tensor& logits, con
 #endif
   const auto lp = at::log_softmax(logits.to(at::kFloat), -1);
   return {lp.gather(1, targets.unsqueeze(1)).squeeze(1), std::get<1>(at::max(logits, -1)) == targets};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("argmax_rows", &argmax_rows, "first index of each row's maximum, as torch.max(dim=-1).indices");
-  m.def("target_logprobs", &target_logprobs, "each row's target logprob and whether it is the first argmax");
 }

@@ -3,9 +3,11 @@
 // Per sequence (or group of its heads, when there are few sequences): the scores of every cached token and
 // their softmax in float32, then the weighted sum of values; each token's keys, then values, read as one
 // contiguous run (measured 24 -> 30 GB/s against one (sequence, head) at a time).
-// Built by service/model/kernels/__init__.py with torch.utils.cpp_extension; attention.py has the
+// Part of the kernels module (module.cpp, built by kernels/__init__.py); attention.py has the
 // pure-PyTorch path it must equal (tests/parity/test_paged_attention.py).
-#include <torch/extension.h>
+#include "kernels.h"
+
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -244,8 +246,4 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
     decode_attention<scalar_t>(qc, k_pool, v_pool, tables, lens, block_size, scale, out);
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache, in place");
 }
