@@ -18,7 +18,7 @@ from . import cpu
 from .detokenizer import IncrementalDetokenizer, StopChecker, TokenBytes
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner, PromptScores
-from .sampler import Sampler, SampleResult, SamplingRow, make_generator
+from .sampler import Sampler, SampleResult, SamplingRow, argmax_only, argmax_result, make_generator
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence
 from .types import (
@@ -169,14 +169,18 @@ class Engine:
 
     def _run_batch(self, batch: ScheduledBatch) -> list[EngineOutput]:
         """Run the model on the batch, record what it computed, sample, and turn the results into outputs."""
-        result = self.runner.run(batch)
+        plain = all(argmax_only(s.params, self._banned(s)) for s in batch.seqs if not s.score_only)
+        result = self.runner.run(batch, argmax_only=plain)
         for seq, scores in zip(batch.seqs, result.prompt_scores):
             if scores is not None:
                 self._record_prompt_logprobs(seq, scores)
         self.scheduler.record_computed(batch)
         outputs = [self._finish_scoring(s) for s in batch.seqs if s.score_only and s.num_uncomputed == 0]
         sampling = [(s, r) for s, r in zip(batch.seqs, result.last_rows) if r is not None and not s.score_only]
-        if sampling:
+        if sampling and result.argmax_ids is not None:
+            sampled = argmax_result([result.argmax_ids[r] for _, r in sampling])
+            outputs += [self._update(s, i, sampled) for i, (s, _) in enumerate(sampling)]
+        elif sampling:
             rows = [
                 SamplingRow(
                     s.params,

@@ -23,11 +23,12 @@ class RunnerOutput:
     ones that sample), one row each, in batch order; `last_rows[i]` is sequence i's row, `None` for a
     sequence still part-way through a prefill chunk. One tensor, so the sampler reads it without a copy."""
 
-    last_logits: torch.Tensor  # (num_sampling, vocab)
+    last_logits: torch.Tensor | None  # (num_sampling, vocab); None when `argmax_ids` stands for them
     last_rows: list[int | None]
     # Per sequence that wants prompt logprobs, for the positions in this chunk that predict a wanted prompt
     # token; None otherwise.
     prompt_scores: list["PromptScores | None"]
+    argmax_ids: list[int] | None = None  # each row's greedy token, where asked for and found without logits
 
 
 @dataclass
@@ -59,7 +60,9 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> RunnerOutput:
+    def run(self, batch: ScheduledBatch, argmax_only: bool = False) -> RunnerOutput:
+        """`argmax_only`: every sampling sequence only wants its logits' first argmax (sampler.argmax_only),
+        which the model may then give without computing the logits (`argmax_ids`)."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         layout = BatchLayout(
             tuple(counts), tuple(s.num_computed_tokens for s in seqs), tuple(tuple(s.table.blocks) for s in seqs)
@@ -71,10 +74,13 @@ class ModelRunner:
         # Sequences that reach their last token and generate: their last row's logits (scoring ones need none).
         sampling = [s.num_computed_tokens + n == s.num_tokens and not s.score_only for s, n in zip(seqs, counts)]
         rows = ends[torch.tensor(sampling, dtype=torch.bool)].to(self.device)
-        logits = self.model.compute_logits(hidden[rows])  # (num_sampling, vocab)
         numbered = iter(range(len(seqs)))
         last_rows = [next(numbered) if wanted else None for wanted in sampling]
-        return RunnerOutput(logits, last_rows, self._prompt_scores(seqs, counts, hidden))
+        scores = self._prompt_scores(seqs, counts, hidden)
+        ids = self.model.greedy_tokens(hidden[rows]) if argmax_only else None
+        if ids is not None:
+            return RunnerOutput(None, last_rows, scores, ids)
+        return RunnerOutput(self.model.compute_logits(hidden[rows]), last_rows, scores)  # (num_sampling, vocab)
 
     def _prompt_scores(self, seqs, counts, hidden: torch.Tensor) -> list[PromptScores | None]:
         out, start = [], 0

@@ -126,20 +126,24 @@ def _apply_presence_frequency(logits: torch.Tensor, rows: Sequence[SamplingRow])
     return logits - presence * (counts > 0).float() - frequency * counts
 
 
+def _changes_logits(params: SamplingParams, banned_token_ids: Sequence[int]) -> bool:
+    """Whether `apply_penalties` changes this row's logits."""
+    return bool(
+        params.logit_bias
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+        or banned_token_ids
+    )
+
+
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """logit_bias, then repetition, then presence/frequency, then bans, on float32 (B, V) logits.
 
     Returns a new float32 tensor when anything applies and the input itself (in its dtype) when nothing
     does (never mutates it).
     """
-    if not any(
-        r.params.logit_bias
-        or r.params.repetition_penalty != 1.0
-        or r.params.presence_penalty != 0.0
-        or r.params.frequency_penalty != 0.0
-        or r.banned_token_ids
-        for r in rows
-    ):
+    if not any(_changes_logits(r.params, r.banned_token_ids) for r in rows):
         return logits
     logits = logits.float()
     if any(r.params.logit_bias for r in rows):
@@ -250,6 +254,18 @@ class Sampler:
         probs = _truncate(logits, [r.params for r in rows]).softmax(dim=-1)  # (S, V)
         noise = self._noise(rows, logits.shape[-1], logits.device)  # (S, V)
         return (probs / noise).argmax(dim=-1)  # (S,)
+
+
+def argmax_only(params: SamplingParams, banned_token_ids: Sequence[int] = ()) -> bool:
+    """Whether a row's token is the first argmax of its raw logits and nothing else of them is wanted
+    (greedy, no logprobs, no bias, penalty or ban): the model may then find the token without computing its
+    logits whole (`GPT2.greedy_tokens`), and `argmax_result` stands for this sampler's answer."""
+    return params.greedy and params.logprobs is None and not _changes_logits(params, banned_token_ids)
+
+
+def argmax_result(token_ids: list[int]) -> SampleResult:
+    """What `Sampler.__call__` returns for rows that are all `argmax_only`, given their tokens."""
+    return SampleResult(token_ids, [float("nan")] * len(token_ids), [None] * len(token_ids))
 
 
 def _first_max(logits: torch.Tensor) -> torch.Tensor:

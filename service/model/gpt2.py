@@ -12,7 +12,7 @@ from torch import nn
 
 from model_store.manifest import ArchConfig
 
-from . import kernels, linear
+from . import kernels, linear, memory
 from .attention import BatchLayout, CacheIndex, KVCache, attend, cache_index
 from .linear import ACTIVATIONS, Head, Linear
 
@@ -82,6 +82,7 @@ class GPT2(nn.Module):
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self._head: Head | None = None  # the head's kernels, built on first use
         self._decoder = None  # kernels.small_decoder()'s SmallDecoder, where prepare_kernels made one
+        self._screen: torch.Tensor | None = None  # the head's weight in bfloat16, for greedy_tokens
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout, cache: KVCache | None = None
@@ -125,8 +126,24 @@ class GPT2(nn.Module):
             if isinstance(module, Linear):
                 module.use(blocks)
         self.head.use(head)
+        if quantization == "int8" and self.wte.weight.device.type == "cpu":
+            linear.int8_on_huge_pages([m for m in self.modules() if isinstance(m, Linear)] + [self.head])
         self._decoder = self._small_decoder(blocks) if compiled else None
+        self._screen = None
+        if compiled and quantization == "none" and self.wte.weight.dtype == torch.float32:
+            if self.wte.weight.device.type == "cpu" and kernels.gemv() is not None:
+                self._screen = memory.on_huge_pages({"screen": self.head.weight.to(torch.bfloat16)})["screen"]
         return self.describe_kernels()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int] | None:
+        """The first argmax of each row's logits, for fewer than GEMV_ROWS rows (N, n_embd), found exactly
+        without the float32 head whole (kernels.gemv().greedy_head: a bfloat16 screen, then the few
+        candidates exactly); the same tokens as the argmax of `compute_logits` where its product is the
+        compiled gemv. None where it does not apply (another dtype or device, more rows, a NaN)."""
+        if self._screen is None or not 0 < hidden.shape[0] < linear.GEMV_ROWS:
+            return None
+        ids = kernels.gemv().greedy_head(hidden, self.head.weight, self._screen).tolist()
+        return None if min(ids) < 0 else ids
 
     def _small_decoder(self, choice: linear.KernelChoice):
         """Every block of a decode step of fewer than GEMV_ROWS sequences in one C++ call, making the calls

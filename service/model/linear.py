@@ -23,6 +23,7 @@ Kernels (all give the same products up to float rounding, ~1e-6 relative in floa
 Nothing here decides the dtype or the batch: the engine's runner does.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernels, memory
 
 SMALL_ROWS = 16  # fewer rows than this: the small regime (memory-bound: every kernel streams the weight)
 GEMV_ROWS = 3  # fewer rows than this: our compiled products (`gemv`, and int8's), faster than the libraries
@@ -76,6 +77,15 @@ class Int8Weight:
     # bandwidth a plain read gets: 13-15 against 20-22 GB/s on a 2-core Xeon).
     plain: torch.Tensor | None = None
     sums: torch.Tensor | None = None
+
+
+def int8_on_huge_pages(layers: list) -> None:
+    """Moves the plain int8 weights of `layers` (Linear or Head, using int8 with the compiled kernel), which
+    batch-1 decode streams every step, into one huge-page arena (service.model.memory)."""
+    owners = [m for m in layers if isinstance(m._packed, Int8Weight) and m._packed.plain is not None]
+    moved = memory.on_huge_pages({str(i): m._packed.plain for i, m in enumerate(owners)})
+    for i, m in enumerate(owners):
+        m._packed = dataclasses.replace(m._packed, plain=moved[str(i)])
 
 
 def quantize_weight(weight: torch.Tensor, compiled: object | None = None) -> Int8Weight:

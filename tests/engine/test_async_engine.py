@@ -86,7 +86,7 @@ def test_failing_step_errors_requests_instead_of_hanging(tiny):
 
     async def main():
         sync = make_engine(loaded)
-        sync.runner.run = lambda batch: (_ for _ in ()).throw(RuntimeError("boom"))
+        sync.runner.run = lambda batch, **options: (_ for _ in ()).throw(RuntimeError("boom"))
         engine = AsyncEngine(sync)
         engine.start()
         with pytest.raises(EngineDead, match="boom"):

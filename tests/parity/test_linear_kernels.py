@@ -43,3 +43,28 @@ def test_a_linear_on_gemv_falls_back_to_f_linear_from_three_rows():
         assert (m(x, residual=residual) - (F.linear(x, m.weight, m.bias) + residual)).abs().max() <= 1e-5
         silu = m(x, activation="silu")  # not fused: applied after the product
         assert (silu - F.silu(F.linear(x, m.weight, m.bias))).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_the_screened_greedy_head_is_the_argmax_of_gemv(rows):
+    """greedy_head's token is the first argmax of linear_small's logits, exactly: on random heads, with rows
+    the bfloat16 screen cannot tell apart (a copy of the best row, and one a float32 ulp away), ties (the
+    first index wins), a zero input (every row a candidate); -1 for a NaN input."""
+    torch.manual_seed(rows)
+    vocab, k = 5000, 200  # k: not a multiple of the vectors
+    weight = torch.randn(vocab, k) * 0.05
+    for scale in (0.1, 1.0, 30.0):
+        x = torch.randn(rows, k) * scale
+        expected = GEMV.linear_small(x, weight, None, "", None).max(dim=-1).indices
+        assert torch.equal(GEMV.greedy_head(x, weight, weight.to(torch.bfloat16)), expected)
+    x = torch.randn(rows, k)
+    best = GEMV.linear_small(x, weight, None, "", None)[0].argmax().item()
+    near = weight.clone()
+    near[7] = weight[best]  # a tie, earlier: index 7 wins
+    near[4000] = torch.nextafter(weight[best], weight[best] * 2)  # larger by one ulp: bf16 rounds it equal
+    logits = GEMV.linear_small(x, near, None, "", None)
+    got = GEMV.greedy_head(x, near, near.to(torch.bfloat16))
+    assert torch.equal(got, logits.max(dim=-1).indices) and got[0].item() in (7, 4000)
+    assert GEMV.greedy_head(torch.zeros(rows, k), near, near.to(torch.bfloat16)).tolist() == [0] * rows
+    x[0, 3] = float("nan")
+    assert GEMV.greedy_head(x, weight, weight.to(torch.bfloat16))[0].item() == -1

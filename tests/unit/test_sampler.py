@@ -336,3 +336,27 @@ def test_the_compiled_target_logprobs_equal_log_softmax(dtype):
     assert torch.equal(greedy, logits.max(dim=-1).indices == targets) and greedy[2] and greedy[5]
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         module.target_logprobs(logits, torch.full((7,), 50257))
+
+
+def test_argmax_only_rows_and_their_result_match_the_sampler():
+    """argmax_only holds exactly for rows whose token is the raw logits' first argmax with nothing else of
+    them wanted; argmax_result is then what the sampler itself returns."""
+    from service.engine.sampler import argmax_only, argmax_result
+
+    plain = SamplingParams(temperature=0.0)
+    assert argmax_only(plain)
+    others = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=0.0, logprobs=0),
+        SamplingParams(temperature=0.0, logit_bias={3: 1.0}),
+        SamplingParams(temperature=0.0, repetition_penalty=1.2),
+        SamplingParams(temperature=0.0, presence_penalty=0.5),
+        SamplingParams(temperature=0.0, frequency_penalty=0.5),
+    ]
+    assert not any(argmax_only(p) for p in others) and not argmax_only(plain, (50256,))
+    torch.manual_seed(2)
+    logits = torch.randn(3, 100)
+    got = Sampler(0)(logits, [row(plain) for _ in range(3)])
+    expected = argmax_result(logits.max(dim=-1).indices.tolist())
+    assert got.token_ids == expected.token_ids and got.top_logprobs == expected.top_logprobs
+    assert all(math.isnan(a) and math.isnan(b) for a, b in zip(got.logprobs, expected.logprobs))

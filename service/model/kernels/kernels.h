@@ -11,6 +11,8 @@
 // gemv.cpp: float32 act(x W^T + bias) + residual for one or two rows.
 at::Tensor linear_small(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::string& gelu, const std::optional<at::Tensor>& residual);
+// gemv.cpp: greedy decoding's exact argmax of x W^T for one or two rows, screened by a bfloat16 copy of W.
+at::Tensor greedy_head(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& screen);
 
 // int8_linear.cpp: the int8 linear (QUANTIZATION=int8) in one call.
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x);

@@ -6,6 +6,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_small", &linear_small, "float32 x W^T + bias (+ GELU) (+ residual) for one or two rows");
+  m.def("greedy_head", &greedy_head, "exact first argmax of x W^T for one or two rows, screened in bfloat16");
   m.def("quantize_rows", &quantize_rows, "per-row symmetric 8-bit quantization, stored as uint8 + 128");
   m.def("int8_linear", &int8_linear, "quantize rows, oneDNN int8 product, rescale + bias + activation + residual");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache, in place");
