@@ -7,8 +7,8 @@ Kernels (all give the same products up to float rounding, ~1e-6 relative in floa
 - `weight_left`: the same product as (W x^T)^T, which MKL computes much faster on some CPUs (measured on a
   2-core AVX2 EPYC, 48 GPT-2-small linears at 64 rows: 154 -> 99 ms); large regime only;
 - `gemv` (small regime, float32, where the C++ kernel builds): our own product for one or two rows
-  (`kernels/gemv.cpp`), which streams the weight in contiguous runs per thread; 3 to 15 rows go to
-  `F.linear`;
+  (`kernels/gemv.cpp`), which streams the weight in contiguous runs per thread; 3 to 15 rows go to the
+  large regime's kernel (with MKL, F.linear at 8 rows took 78 ms per GPT-2-small step on a Zen 4 EPYC);
 - `onednn`: torch's bundled oneDNN on a weight packed once at load (`mkldnn._reorder_linear_weight`), with
   the activation (GELU, ReLU) or the residual add fused into the product. Where bf16 matrix units exist
   (AMX) this is their path; on AMD CPUs, where MKL takes a generic slow path, it is oneDNN's AVX2 code.
@@ -153,7 +153,7 @@ def _product(choice: KernelChoice, x, weight, bias, packed, activation=None, res
         if x.shape[0] < GEMV_ROWS and (activation is None or (activation in FUSED_GELU and residual is None)):
             gelu = FUSED_GELU[activation] if activation is not None else ""
             return kernels.gemv().linear_small(x, weight, bias, gelu, residual)
-        kernel = "aten"
+        kernel = choice.large  # 3 to 15 rows: the many-row kernel (F.linear's MKL is slow there on AMD)
     if kernel == "int8":
         return _int8(x, packed, bias, activation, residual)
     if kernel == "onednn":
