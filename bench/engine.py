@@ -21,9 +21,10 @@ for everyone. Measured, one timed run per point after a warm-up:
   `llama-bench -p 32 -n 128` (batch 1) and `llama-batched-bench -npp 32 -ntg 128 -npl 64`; its batch-64
   figure counts prefill, as ours does.
 
-Batch 1 is then measured again in --rounds rounds, ours and each baseline in turn (float32 beside their
-float32, int8 beside their int8), and each one's median over those rounds is what the goals use: it is bound
-by memory bandwidth, which drifts by 20 % or more within minutes on a shared machine.
+Batch 1 and scoring are then measured again in --rounds rounds, ours and each baseline in turn (float32
+beside their float32, int8 beside their int8), and each one's median over those rounds is what the goals
+use: batch 1 is bound by memory bandwidth and scoring by the cores' clock, and both drift by 20 % or more
+within minutes on a shared machine.
 
 Then a table of the goals (ours, theirs, ratio, goal, met), the CPU model and flags, and the GEMM path the
 engine chose; --json writes `{"machine": ..., "targets": [{"name", "ours", "theirs", "ratio", "goal",
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,15 +174,17 @@ def engine_config(loaded, batches: list[int], new_tokens: int) -> EngineConfig:
     return EngineConfig(SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048), kv_bytes)
 
 
-def measure_scoring(store, hf) -> tuple[float, float]:
-    """Ours float32 scoring tok/s, and the max |logprob difference| against HF float32."""
+def measure_scoring(store, hf) -> tuple[float, float, Callable[[], float]]:
+    """Ours float32 scoring tok/s, the max |logprob difference| against HF float32, and a function that
+    measures the tok/s once more."""
     loaded = load_model(store, "bench", dtype="float32")
     config = engine_config(loaded, [], 0)
     texts = torch.randint(0, 50257, SCORE_SHAPE, generator=torch.Generator().manual_seed(2)).tolist()
     score_engine(Engine(loaded, config), texts[:2])  # warm-up
     tok_s, ours = score_engine(Engine(loaded, config), texts)
     theirs = score_hf(hf, texts)
-    return tok_s, max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
+    again = lambda: score_engine(Engine(loaded, config), texts)[0]  # noqa: E731
+    return tok_s, max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y)), again
 
 
 def measure_prefix_reuse(store) -> tuple[float, float]:
@@ -235,6 +239,8 @@ def measure_ct2(python: str, hf_dir: Path, work: Path, new_tokens: int, threads:
         threads=threads,
     )
     out["score"] = r["tok_s"]
+    score_options = dict(model=work / "ct2-float32", n_seqs=n, seq_len=length, max_batch_size=CT2_SCORE_BATCH)
+    out["again", "score"] = lambda: ct2(python, "score", **score_options, threads=threads)["tok_s"]
     print(f"  CTranslate2 float32 score_batch {n} x {length}: {r['tok_s']:.1f} tok/s", flush=True)
     return out
 
@@ -266,17 +272,24 @@ def measure_llama(path: Path, hf, work: Path, new_tokens: int, threads: int) -> 
     return out
 
 
-def batch1_rounds(rounds: int, fp32: Ours, int8: Ours, ct: dict | None, ll: dict | None) -> None:
-    """Batch 1 is bound by memory bandwidth, which drifts by 20 % or more within minutes on a shared machine:
-    measure it again `rounds` times with ours and each baseline in turn (float32 beside CTranslate2 float32
-    and llama.cpp f32, int8 beside their int8 and q8_0), and keep each one's median of those rounds."""
-    groups = [(fp32, "float32", "f32"), (int8, "int8", "q8_0")]
-    for ours, quant, kind in groups:
-        runs = {"ours": (ours.gen, 1, ours.again.get(1))}
-        if ct:
-            runs["CTranslate2"] = (ct, (quant, 1), ct.get(("again", quant)))
-        if ll:
-            runs["llama.cpp"] = (ll, (kind, 1), ll.get(("again", kind)))
+def measure_in_turn(rounds: int, fp32: Ours, int8: Ours, score: dict, ct: dict | None, ll: dict | None) -> None:
+    """Batch 1 is bound by memory bandwidth, which drifts by 20 % or more within minutes on a shared machine,
+    and scoring by the cores' clock, which drifts too: measure each again `rounds` times with ours and each
+    baseline in turn (float32 batch 1 beside CTranslate2 float32 and llama.cpp f32, int8 beside their int8
+    and q8_0, scoring beside CTranslate2's), and keep each one's median of those rounds."""
+    groups = {
+        "batch 1 float32, ms/token": {"ours": (fp32.gen, 1, fp32.again.get(1))},
+        "batch 1 int8, ms/token": {"ours": (int8.gen, 1, int8.again.get(1))},
+        "scoring, tok/s": {"ours": (score, "tok_s", score["again"])},
+    }
+    if ct:
+        groups["batch 1 float32, ms/token"]["CTranslate2"] = (ct, ("float32", 1), ct.get(("again", "float32")))
+        groups["batch 1 int8, ms/token"]["CTranslate2"] = (ct, ("int8", 1), ct.get(("again", "int8")))
+        groups["scoring, tok/s"]["CTranslate2"] = (ct, "score", ct.get(("again", "score")))
+    if ll:
+        groups["batch 1 float32, ms/token"]["llama.cpp"] = (ll, ("f32", 1), ll.get(("again", "f32")))
+        groups["batch 1 int8, ms/token"]["llama.cpp"] = (ll, ("q8_0", 1), ll.get(("again", "q8_0")))
+    for label, runs in groups.items():
         seen = {name: [] for name, (_, _, again) in runs.items() if again is not None}
         for _ in range(rounds):
             for name in seen:
@@ -284,14 +297,15 @@ def batch1_rounds(rounds: int, fp32: Ours, int8: Ours, ct: dict | None, ll: dict
         for name, values in seen.items():
             table, key, _ = runs[name]
             table[key] = statistics.median(values)
-        line = ", ".join(f"{n} {' / '.join(f'{1000 / v:.1f}' for v in seen[n])}" for n in seen)
-        print(f"  batch 1 {ours.dtype}, ms/token in {rounds} rounds in turn (medians kept): {line}", flush=True)
+        show = (lambda v: f"{1000 / v:.1f}") if "ms/token" in label else (lambda v: f"{v:.1f}")
+        line = ", ".join(f"{n} {' / '.join(show(v) for v in seen[n])}" for n in seen)
+        print(f"  {label} in {rounds} rounds in turn (medians kept): {line}", flush=True)
 
 
 # ---- goals ----------------------------------------------------------------------------------------------
 
 
-def goals(fp32: Ours, bf16: Ours | None, int8: Ours | None, score: tuple[float, float], reuse, ct, ll) -> list:
+def goals(fp32: Ours, bf16: Ours | None, int8: Ours | None, score: dict, reuse, ct, ll) -> list:
     """One row per goal: name, ours, theirs, ratio, goal, met (None where a figure is missing)."""
     rows = []
 
@@ -310,8 +324,10 @@ def goals(fp32: Ours, bf16: Ours | None, int8: Ours | None, score: tuple[float, 
     throughput("fp32 c64 tok/s vs llama.cpp f32 64 parallel", fp32.gen.get(64), ll_gen("f32", 64), 1.3)
     latency("fp32 b1 ms/token vs CTranslate2 fp32", fp32.gen.get(1), ct_gen("float32", 1), 1.0)
     latency("fp32 b1 ms/token vs llama.cpp f32", fp32.gen.get(1), ll_gen("f32", 1), 1.0)
-    throughput("scoring fp32 64x256 tok/s vs CTranslate2 score_batch", score[0], ct.get("score") if ct else None, 1.2)
-    rows.append(("  scoring max |d logprob| vs HF fp32", score[1], None, None, "<= 1e-4", score[1] <= 1e-4))
+    scoring = score["tok_s"], ct.get("score") if ct else None
+    throughput("scoring fp32 64x256 tok/s vs CTranslate2 score_batch", *scoring, 1.2)
+    diff = score["diff"]
+    rows.append(("  scoring max |d logprob| vs HF fp32", diff, None, None, "<= 1e-4", diff <= 1e-4))
     i8 = int8.gen if int8 else {}
     throughput("int8 c64 tok/s vs CTranslate2 int8 b64", i8.get(64), ct_gen("int8", 64), 1.2)
     throughput("int8 c64 tok/s vs llama.cpp q8_0 64 parallel", i8.get(64), ll_gen("q8_0", 64), 1.2)
@@ -360,7 +376,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp binaries, or build/llama-cpp")
     parser.add_argument("--json", default=None, help="write the machine and the goals here")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="batch 1: this many rounds, ours and the baselines in turn (medians)"
+        "--rounds", type=int, default=3, help="batch 1 and scoring: this many rounds, ours and the baselines in turn"
     )
     args = parser.parse_args()
     new_tokens = 32 if args.quick else 128
@@ -379,17 +395,18 @@ def main() -> None:
             print(f"  bfloat16 GEMM path: {bf16.backend}", flush=True)
         int8 = measure_generation(store, "auto", hf, [1, 64], new_tokens, False, quantization="int8")
         print(f"  int8 (QUANTIZATION=int8, DTYPE=auto) GEMM path: {int8.backend}", flush=True)
-        score = measure_scoring(store, hf)
+        tok_s, diff, again = measure_scoring(store, hf)
+        score = {"tok_s": tok_s, "diff": diff, "again": again}
         print(
-            f"  ours float32 scoring {SCORE_SHAPE[0]} x {SCORE_SHAPE[1]}: {score[0]:.1f} tok/s, "
-            f"max |d logprob| vs HF {score[1]:.1e}",
+            f"  ours float32 scoring {SCORE_SHAPE[0]} x {SCORE_SHAPE[1]}: {tok_s:.1f} tok/s, "
+            f"max |d logprob| vs HF {diff:.1e}",
             flush=True,
         )
         reuse = measure_prefix_reuse(store)
         ct = measure_ct2(args.ct2_python, work / "hf", work, new_tokens, threads) if args.ct2_python else None
         ll = measure_llama(args.llama_cpp, hf, work, new_tokens, threads) if args.llama_cpp else None
-        if args.rounds > 1 and 1 in fp32.gen:
-            batch1_rounds(args.rounds, fp32, int8, ct, ll)
+        if args.rounds > 0 and 1 in fp32.gen:
+            measure_in_turn(args.rounds, fp32, int8, score, ct, ll)
 
     print(f"\nGPT-2-small shape, prompt {PROMPT_LEN}, {new_tokens} generated, greedy, ignore_eos, {threads} threads")
     print(

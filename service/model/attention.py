@@ -128,6 +128,21 @@ class CacheIndex:
         return self._read[i]
 
 
+def decode_tables(layout: BatchLayout, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a CPU step where every sequence decodes one token, what the decode kernel needs and nothing more:
+    the cache rows its new keys and values go to (B,) int64, the block tables (B, N) int32 padded with block
+    0, and the key counts (B,) int32. The same values as `cache_index`'s write rows and decode tables."""
+    lengths = [c + 1 for c in layout.context_lens]
+    n = -(-max(lengths) // block_size)
+    write = [t[c // block_size] * block_size + c % block_size for c, t in zip(layout.context_lens, layout.block_tables)]
+    tables = [list(t[:n]) + [0] * (n - len(t[:n])) for t in layout.block_tables]
+    return (
+        torch.tensor(write, dtype=torch.long),
+        torch.tensor(tables, dtype=torch.int32),
+        torch.tensor(lengths, dtype=torch.int32),
+    )
+
+
 def cache_index(layout: BatchLayout, block_size: int, device: torch.device) -> CacheIndex:
     write = []
     for q_len, ctx, table in zip(layout.query_lens, layout.context_lens, layout.block_tables):

@@ -13,7 +13,7 @@ from torch import nn
 from model_store.manifest import ArchConfig
 
 from . import kernels, linear, memory
-from .attention import BatchLayout, CacheIndex, KVCache, attend, cache_index
+from .attention import BatchLayout, CacheIndex, KVCache, attend, cache_index, decode_tables
 from .linear import ACTIVATIONS, Head, Linear
 
 __all__ = ["ACTIVATIONS", "GPT2"]
@@ -88,12 +88,11 @@ class GPT2(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout, cache: KVCache | None = None
     ) -> torch.Tensor:
         """input_ids, positions: (T,) for the flat batch. Returns final hidden states (T, n_embd)."""
+        if self._decoder is not None and _small_decode(layout, cache):
+            tables = decode_tables(layout, cache.block_size)
+            return self._decoder.forward(input_ids, positions, cache.k, cache.v, *tables, cache.block_size)
         x = self.wte(input_ids) + self.wpe(positions)  # (T, n_embd)
         index = cache_index(layout, cache.block_size, x.device) if cache is not None else None
-        if self._decoder is not None and _small_decode(x, layout, cache, index):
-            d = index.decode
-            x = self._decoder.forward(x, cache.k, cache.v, index.write_rows, d.tables, d.lengths, cache.block_size)
-            return self.ln_f(x)
         for block in self.h:
             x = block(x, layout, cache, index)
         return self.ln_f(x)
@@ -146,9 +145,9 @@ class GPT2(nn.Module):
         return None if min(ids) < 0 else ids
 
     def _small_decoder(self, choice: linear.KernelChoice):
-        """Every block of a decode step of fewer than GEMV_ROWS sequences in one C++ call, making the calls
-        the blocks make for such a step (compiled float32 `gemv` or int8 products), or None where the
-        blocks would make others."""
+        """The forward of a decode step of fewer than GEMV_ROWS sequences in one C++ call, making the calls
+        this module makes for such a step (compiled float32 `gemv` or int8 products), or None where it
+        would make others."""
         module = kernels.small_decoder() if self.wte.weight.device.type == "cpu" else None
         int8 = choice.small == "int8" and choice.compiled
         fp32 = choice.small == "gemv" and self.wte.weight.dtype == torch.float32
@@ -165,20 +164,20 @@ class GPT2(nn.Module):
             tensors.append(row)
             scales.append(block.attn.scale)
         eps, gelu = self.cfg.layer_norm_epsilon, linear.FUSED_GELU[self.cfg.activation_function]
-        return module.SmallDecoder(tensors, scales, eps, self.cfg.n_head, gelu, int8, linear.GEMV_ROWS)
+        outer = [self.wte.weight, self.wpe.weight, self.ln_f.weight, self.ln_f.bias]
+        return module.SmallDecoder(outer, tensors, scales, eps, self.cfg.n_head, gelu, int8, linear.GEMV_ROWS)
 
     def describe_kernels(self) -> str:
         isa = torch.backends.cpu.get_cpu_capability() if self.wte.weight.device.type == "cpu" else "cuda"
         return f"blocks: {self.h[0].mlp.fc.choice.describe()}; head: {self.head.choice.describe()} ({isa})"
 
 
-def _small_decode(x: torch.Tensor, layout: BatchLayout, cache: KVCache | None, index: CacheIndex | None) -> bool:
-    """Whether this step is one the SmallDecoder computes: fewer than GEMV_ROWS tokens, each a sequence's
-    next one, attended by the compiled decode kernel."""
+def _small_decode(layout: BatchLayout, cache: KVCache | None) -> bool:
+    """Whether this step is one the SmallDecoder computes: fewer than GEMV_ROWS sequences, each decoding its
+    next token, attended by the compiled decode kernel."""
     return (
-        x.shape[0] < linear.GEMV_ROWS
+        len(layout.query_lens) < linear.GEMV_ROWS
         and cache is not None
         and cache.decode_kernel is not None
-        and index.decode is not None
-        and len(index.decode.seq_ids) == x.shape[0]
+        and all(q == 1 for q in layout.query_lens)
     )

@@ -56,3 +56,15 @@ def test_keys_past_a_sequence_length_are_not_read():
     unused = torch.tensor(sorted(set(range(k.shape[0])) - rows_in_use))
     k[unused], v[unused] = float("nan"), float("nan")
     assert torch.equal(KERNEL.paged_decode_attention(q, k, v, tables, lengths, bs, 0.125), first)
+
+
+def test_decode_tables_equal_the_cache_index():
+    """The small decode path's write rows, block tables and lengths are the cache index's for that step."""
+    from service.model.attention import BatchLayout, cache_index, decode_tables
+
+    layout = BatchLayout((1, 1), (6, 12), ((3, 1), (0, 5, 2, 7)))  # block size 4: 2 and 4 blocks
+    write, tables, lengths = decode_tables(layout, 4)
+    index = cache_index(layout, 4, torch.device("cpu"))
+    assert torch.equal(write, index.write_rows) and write.tolist() == [1 * 4 + 2, 7 * 4 + 0]
+    assert torch.equal(tables, index.decode.tables) and tables.tolist() == [[3, 1, 0, 0], [0, 5, 2, 7]]
+    assert torch.equal(lengths, index.decode.lengths) and lengths.tolist() == [7, 13]

@@ -11,8 +11,8 @@ caller uses of it:
 - `gemv()`: the float32 linear for one or two rows (`gemv.cpp`); twin: `F.linear`.
 - `logit_rows()`: reductions over rows of logits (`logit_rows.cpp`): greedy decoding's argmax (twin:
   `torch.max(dim=-1).indices`) and scoring's target logprobs (twin: `sampler.logprobs_topn`).
-- `small_decoder()`: every block of a decode step of one or two sequences in one call (`decode_small.cpp`,
-  `SmallDecoder`), the same calls as `GPT2.forward` makes without it.
+- `small_decoder()`: the model's forward for a decode step of one or two sequences in one call
+  (`decode_small.cpp`, `SmallDecoder`), the same calls as `GPT2.forward` makes without it.
 """
 
 import functools

@@ -31,7 +31,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
 at::Tensor argmax_rows(const at::Tensor& logits);
 std::tuple<at::Tensor, at::Tensor> target_logprobs(const at::Tensor& logits, const at::Tensor& targets);
 
-// decode_small.cpp: every transformer block of a decode step of one or two sequences in one call.
+// decode_small.cpp: the model's forward for a decode step of one or two sequences in one call.
 class SmallDecoder {
  public:
   // One entry per block, 16 tensors each: ln_1 weight, bias; then per linear (qkv, attention proj, fc, mlp
@@ -47,15 +47,18 @@ class SmallDecoder {
     double scale;
   };
 
-  SmallDecoder(const std::vector<std::vector<at::Tensor>>& blocks, const std::vector<double>& scales, double eps,
-               int64_t n_head, const std::string& gelu, bool int8, int64_t gemv_rows);
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                     const at::Tensor& write_rows, const at::Tensor& block_tables, const at::Tensor& context_lens,
-                     int64_t block_size) const;
+  // `outer`: wte, wpe, ln_f weight, ln_f bias.
+  SmallDecoder(const std::vector<at::Tensor>& outer, const std::vector<std::vector<at::Tensor>>& blocks,
+               const std::vector<double>& scales, double eps, int64_t n_head, const std::string& gelu, bool int8,
+               int64_t gemv_rows);
+  at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const at::Tensor& write_rows, const at::Tensor& block_tables,
+                     const at::Tensor& context_lens, int64_t block_size) const;
 
  private:
   at::Tensor linear(const Linear& l, const at::Tensor& x, const std::string& gelu,
                     const std::optional<at::Tensor>& residual) const;
+  at::Tensor wte_, wpe_, ln_f_weight_, ln_f_bias_;
   std::vector<Block> blocks_;
   double eps_;
   int64_t n_head_, gemv_rows_;

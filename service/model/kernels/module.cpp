@@ -13,7 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum, as torch.max(dim=-1).indices");
   m.def("target_logprobs", &target_logprobs, "each row's target logprob and whether it is the first argmax");
   pybind11::class_<SmallDecoder>(m, "SmallDecoder")
-      .def(pybind11::init<const std::vector<std::vector<at::Tensor>>&, const std::vector<double>&, double, int64_t,
-                          const std::string&, bool, int64_t>())
-      .def("forward", &SmallDecoder::forward, "every block of a decode step of one or two sequences");
+      .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<std::vector<at::Tensor>>&,
+                          const std::vector<double>&, double, int64_t, const std::string&, bool, int64_t>())
+      .def("forward", &SmallDecoder::forward, "the model's forward for a decode step of one or two sequences");
 }
