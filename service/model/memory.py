@@ -17,14 +17,16 @@ ALIGN = 64  # each tensor starts on a cache line
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed CPU tensor, on huge pages where the OS gives them."""
+    """A zeroed CPU tensor, on huge pages where the OS gives them, its memory committed now (as torch.zeros
+    does): left to fault in as the engine first writes it, the KV cache cost a 64-sequence decode step 4.5 ms
+    of page faults inside its `index_copy_` calls (2 MiB pages zeroed on first touch)."""
     numel = 1
     for n in shape:
         numel *= n
     arena = _arena(numel * dtype.itemsize)
     if arena is None:
         return torch.zeros(shape, dtype=dtype)
-    return arena[: numel * dtype.itemsize].view(dtype).view(shape)
+    return arena[: numel * dtype.itemsize].zero_().view(dtype).view(shape)
 
 
 def on_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
