@@ -21,10 +21,10 @@ for everyone. Measured, one timed run per point after a warm-up:
   `llama-bench -p 32 -n 128` (batch 1) and `llama-batched-bench -npp 32 -ntg 128 -npl 64`; its batch-64
   figure counts prefill, as ours does.
 
-Batch 1 and scoring are then measured again in --rounds rounds, ours and each baseline in turn (float32
-beside their float32, int8 beside their int8), and each one's median over those rounds is what the goals
-use: batch 1 is bound by memory bandwidth and scoring by the cores' clock, and both drift by 20 % or more
-within minutes on a shared machine.
+Every figure a goal compares (batch 1, 64 concurrent, scoring) is then measured again in --rounds rounds,
+ours and each baseline in turn (float32 beside their float32, int8 beside their int8), and each one's median
+over those rounds is what the goals use: memory bandwidth and clock drift by 20 % or more within minutes on
+a shared machine, and the first pass measures each system minutes apart.
 
 Then a table of the goals (ours, theirs, ratio, goal, met), the CPU model and flags, and the GEMM path the
 engine chose; --json writes `{"machine": ..., "targets": [{"name", "ours", "theirs", "ratio", "goal",
@@ -138,7 +138,7 @@ class Ours:
     hf: dict[int, float]
     ttft: dict[int, tuple[float, float]]  # batch -> (p50, p95) seconds
     backend: str
-    again: dict = dataclasses.field(default_factory=dict)  # batch -> () -> tok/s, the same run once more
+    again: dict = dataclasses.field(default_factory=dict)  # batch 1, 64 -> () -> tok/s, the same run once more
 
 
 def measure_generation(
@@ -157,7 +157,7 @@ def measure_generation(
         run_engine(engine, prompts[:1], 4)  # warm-up
         result.gen[batch], ttft = run_engine(engine, prompts, new_tokens)
         result.ttft[batch] = (statistics.median(ttft), p95(ttft))
-        if batch == 1:
+        if batch in (1, 64):
             result.again[batch] = lambda engine=engine, prompts=prompts: run_engine(engine, prompts, new_tokens)[0]
         line = f"  ours {name} batch {batch}: {result.gen[batch]:.1f} tok/s"
         if with_hf:
@@ -215,8 +215,8 @@ def ct2(python: str, cmd: str, **options: object) -> dict:
 
 
 def measure_ct2(python: str, hf_dir: Path, work: Path, new_tokens: int, threads: int) -> dict:
-    """{(quantization, batch): tok/s}, "score": float32 score_batch tok/s, and ("again", quantization): a
-    function that measures batch 1 once more."""
+    """{(quantization, batch): tok/s}, "score": float32 score_batch tok/s, and ("again", quantization,
+    batch) and ("again", "score"): functions that measure them once more."""
     out: dict = {}
     for quant in ("float32", "int8"):
         model = work / f"ct2-{quant}"
@@ -225,8 +225,7 @@ def measure_ct2(python: str, hf_dir: Path, work: Path, new_tokens: int, threads:
             options = dict(model=model, batch=batch, prompt_len=PROMPT_LEN, new_tokens=new_tokens, threads=threads)
             r = ct2(python, "generate", **options)
             out[quant, batch] = r["tok_s"]
-            if batch == 1:
-                out["again", quant] = lambda options=options: ct2(python, "generate", **options)["tok_s"]
+            out["again", quant, batch] = lambda options=options: ct2(python, "generate", **options)["tok_s"]
             print(f"  CTranslate2 {quant} ({r['compute_type']}) batch {batch}: {r['tok_s']:.1f} tok/s", flush=True)
     n, length = SCORE_SHAPE
     r = ct2(
@@ -247,7 +246,7 @@ def measure_ct2(python: str, hf_dir: Path, work: Path, new_tokens: int, threads:
 
 def measure_llama(path: Path, hf, work: Path, new_tokens: int, threads: int) -> dict:
     """{(type, batch): tok/s} for f32 and q8_0, batch 1 (llama-bench) and 64 (llama-batched-bench), and
-    ("again", type): a function that measures batch 1 once more."""
+    ("again", type, batch): a function that measures it once more."""
     bins = llama_cpp.find_binaries(path)
     f32 = llama_cpp.write_gguf(hf, work / "bench-f32.gguf", bins)
     models = {"f32": f32, "q8_0": llama_cpp.quantize(bins, f32, work / "bench-q8_0.gguf")}
@@ -255,9 +254,12 @@ def measure_llama(path: Path, hf, work: Path, new_tokens: int, threads: int) -> 
     for kind, model in models.items():
         ms, repacked_1 = llama_cpp.batch1_ms_per_token(bins, model, PROMPT_LEN, new_tokens, threads)
         out[kind, 1] = 1000 / ms
-        out["again", kind] = lambda model=model: (
+        out["again", kind, 1] = lambda model=model: (
             1000 / llama_cpp.batch1_ms_per_token(bins, model, PROMPT_LEN, new_tokens, threads)[0]
         )
+        out["again", kind, 64] = lambda model=model: llama_cpp.batched_tok_s(
+            bins, model, PROMPT_LEN, new_tokens, 64, threads
+        )[0]
         out[kind, 64], repacked_64 = llama_cpp.batched_tok_s(bins, model, PROMPT_LEN, new_tokens, 64, threads)
         notes = [
             f"{n} without weight repacking, which crashed"
@@ -273,22 +275,23 @@ def measure_llama(path: Path, hf, work: Path, new_tokens: int, threads: int) -> 
 
 
 def measure_in_turn(rounds: int, fp32: Ours, int8: Ours, score: dict, ct: dict | None, ll: dict | None) -> None:
-    """Batch 1 is bound by memory bandwidth, which drifts by 20 % or more within minutes on a shared machine,
-    and scoring by the cores' clock, which drifts too: measure each again `rounds` times with ours and each
-    baseline in turn (float32 batch 1 beside CTranslate2 float32 and llama.cpp f32, int8 beside their int8
-    and q8_0, scoring beside CTranslate2's), and keep each one's median of those rounds."""
-    groups = {
-        "batch 1 float32, ms/token": {"ours": (fp32.gen, 1, fp32.again.get(1))},
-        "batch 1 int8, ms/token": {"ours": (int8.gen, 1, int8.again.get(1))},
-        "scoring, tok/s": {"ours": (score, "tok_s", score["again"])},
-    }
+    """The machine's memory bandwidth and clock drift by 20 % or more within minutes when it is shared, and
+    the first pass measured each system minutes apart: measure every goal's figure again `rounds` times
+    with ours and each baseline in turn (float32 beside CTranslate2 float32 and llama.cpp f32, int8 beside
+    their int8 and q8_0, scoring beside CTranslate2's), and keep each one's median of those rounds."""
+    groups: dict[str, dict] = {}
+    for ours, quant, kind in ((fp32, "float32", "f32"), (int8, "int8", "q8_0")):
+        for batch in (b for b in (1, 64) if b in ours.gen):
+            label = f"{quant} {'batch 1, ms/token' if batch == 1 else '64 concurrent, tok/s'}"
+            runs = {"ours": (ours.gen, batch, ours.again.get(batch))}
+            if ct:
+                runs["CTranslate2"] = (ct, (quant, batch), ct.get(("again", quant, batch)))
+            if ll:
+                runs["llama.cpp"] = (ll, (kind, batch), ll.get(("again", kind, batch)))
+            groups[label] = runs
+    groups["float32 scoring, tok/s"] = {"ours": (score, "tok_s", score["again"])}
     if ct:
-        groups["batch 1 float32, ms/token"]["CTranslate2"] = (ct, ("float32", 1), ct.get(("again", "float32")))
-        groups["batch 1 int8, ms/token"]["CTranslate2"] = (ct, ("int8", 1), ct.get(("again", "int8")))
-        groups["scoring, tok/s"]["CTranslate2"] = (ct, "score", ct.get(("again", "score")))
-    if ll:
-        groups["batch 1 float32, ms/token"]["llama.cpp"] = (ll, ("f32", 1), ll.get(("again", "f32")))
-        groups["batch 1 int8, ms/token"]["llama.cpp"] = (ll, ("q8_0", 1), ll.get(("again", "q8_0")))
+        groups["float32 scoring, tok/s"]["CTranslate2"] = (ct, "score", ct.get(("again", "score")))
     for label, runs in groups.items():
         seen = {name: [] for name, (_, _, again) in runs.items() if again is not None}
         for _ in range(rounds):
@@ -376,7 +379,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp binaries, or build/llama-cpp")
     parser.add_argument("--json", default=None, help="write the machine and the goals here")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="batch 1 and scoring: this many rounds, ours and the baselines in turn"
+        "--rounds", type=int, default=3, help="the goals' figures: this many rounds, ours and the baselines in turn"
     )
     args = parser.parse_args()
     new_tokens = 32 if args.quick else 128
@@ -405,7 +408,7 @@ def main() -> None:
         reuse = measure_prefix_reuse(store)
         ct = measure_ct2(args.ct2_python, work / "hf", work, new_tokens, threads) if args.ct2_python else None
         ll = measure_llama(args.llama_cpp, hf, work, new_tokens, threads) if args.llama_cpp else None
-        if args.rounds > 0 and 1 in fp32.gen:
+        if args.rounds > 0:
             measure_in_turn(args.rounds, fp32, int8, score, ct, ll)
 
     print(f"\nGPT-2-small shape, prompt {PROMPT_LEN}, {new_tokens} generated, greedy, ignore_eos, {threads} threads")
