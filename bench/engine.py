@@ -22,9 +22,10 @@ for everyone. Measured, one timed run per point after a warm-up:
   figure counts prefill, as ours does.
 
 Every figure a goal compares (batch 1, 64 concurrent, scoring) is then measured again in --rounds rounds,
-ours and each baseline in turn (float32 beside their float32, int8 beside their int8), and each one's median
-over those rounds is what the goals use: memory bandwidth and clock drift by 20 % or more within minutes on
-a shared machine, and the first pass measures each system minutes apart.
+ours (a fresh engine each time) and each baseline in turn, in another order each round (float32 beside
+their float32, int8 beside their int8), and each one's median over those rounds is what the goals use:
+memory bandwidth and clock drift by 20 % or more within minutes on a shared machine, and the first pass
+measures each system minutes apart. The per-batch table shows the first pass.
 
 Then a table of the goals (ours, theirs, ratio, goal, met), the CPU model and flags, and the GEMM path the
 engine chose; --json writes `{"machine": ..., "targets": [{"name", "ours", "theirs", "ratio", "goal",
@@ -157,8 +158,8 @@ def measure_generation(
         run_engine(engine, prompts[:1], 4)  # warm-up
         result.gen[batch], ttft = run_engine(engine, prompts, new_tokens)
         result.ttft[batch] = (statistics.median(ttft), p95(ttft))
-        if batch in (1, 64):
-            result.again[batch] = lambda engine=engine, prompts=prompts: run_engine(engine, prompts, new_tokens)[0]
+        if batch in (1, 64):  # once more as above: a fresh engine (nothing cached), warmed up the same way
+            result.again[batch] = lambda prompts=prompts: measure_once(loaded, config, prompts, new_tokens)
         line = f"  ours {name} batch {batch}: {result.gen[batch]:.1f} tok/s"
         if with_hf:
             run_hf(hf, prompts[:1], 4)
@@ -166,6 +167,12 @@ def measure_generation(
             line += f", HF {result.hf[batch]:.1f} tok/s"
         print(line, flush=True)
     return result
+
+
+def measure_once(loaded, config: EngineConfig, prompts: list[list[int]], new_tokens: int) -> float:
+    engine = Engine(loaded, config)
+    run_engine(engine, prompts[:1], 4)  # warm-up
+    return run_engine(engine, prompts, new_tokens)[0]
 
 
 def engine_config(loaded, batches: list[int], new_tokens: int) -> EngineConfig:
@@ -274,43 +281,43 @@ def measure_llama(path: Path, hf, work: Path, new_tokens: int, threads: int) -> 
     return out
 
 
-def measure_in_turn(rounds: int, fp32: Ours, int8: Ours, score: dict, ct: dict | None, ll: dict | None) -> None:
+def measure_in_turn(
+    rounds: int, runs: dict[tuple, dict[str, Callable[[], float]]], first: dict[tuple, dict[str, float]]
+) -> dict[tuple, dict[str, float]]:
     """The machine's memory bandwidth and clock drift by 20 % or more within minutes when it is shared, and
     the first pass measured each system minutes apart: measure every goal's figure again `rounds` times
-    with ours and each baseline in turn (float32 beside CTranslate2 float32 and llama.cpp f32, int8 beside
-    their int8 and q8_0, scoring beside CTranslate2's), and keep each one's median of those rounds."""
-    groups: dict[str, dict] = {}
-    for ours, quant, kind in ((fp32, "float32", "f32"), (int8, "int8", "q8_0")):
-        for batch in (b for b in (1, 64) if b in ours.gen):
-            label = f"{quant} {'batch 1, ms/token' if batch == 1 else '64 concurrent, tok/s'}"
-            runs = {"ours": (ours.gen, batch, ours.again.get(batch))}
-            if ct:
-                runs["CTranslate2"] = (ct, (quant, batch), ct.get(("again", quant, batch)))
-            if ll:
-                runs["llama.cpp"] = (ll, (kind, batch), ll.get(("again", kind, batch)))
-            groups[label] = runs
-    groups["float32 scoring, tok/s"] = {"ours": (score, "tok_s", score["again"])}
-    if ct:
-        groups["float32 scoring, tok/s"]["CTranslate2"] = (ct, "score", ct.get(("again", "score")))
-    for label, runs in groups.items():
-        seen = {name: [] for name, (_, _, again) in runs.items() if again is not None}
-        for _ in range(rounds):
-            for name in seen:
-                seen[name].append(runs[name][2]())
-        for name, values in seen.items():
-            table, key, _ = runs[name]
-            table[key] = statistics.median(values)
-        show = (lambda v: f"{1000 / v:.1f}") if "ms/token" in label else (lambda v: f"{v:.1f}")
-        line = ", ".join(f"{n} {' / '.join(show(v) for v in seen[n])}" for n in seen)
-        print(f"  {label} in {rounds} rounds in turn (medians kept): {line}", flush=True)
+    with ours and each baseline in turn (each round in another order), and return each one's median.
+    runs: {figure: {system: () -> value}}, figure (dtype, batch) or ("scoring",); first: the first pass."""
+    medians: dict[tuple, dict[str, float]] = {}
+    for figure, systems in runs.items():
+        if len(systems) < 2:  # nothing to compare in turn with
+            continue
+        names = list(systems)
+        seen: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                seen[name].append(systems[name]())
+        medians[figure] = {name: statistics.median(values) for name, values in seen.items()}
+        ms = figure[-1] == 1
+        show = (lambda v: f"{1000 / v:.1f}") if ms else (lambda v: f"{v:.1f}")
+        line = ", ".join(f"{n} {' / '.join(show(v) for v in seen[n])}" for n in names)
+        firsts = ", ".join(f"{n} {show(first[figure][n])}" for n in names if first.get(figure, {}).get(n))
+        label = " ".join(str(part) for part in figure) + (" ms/token" if ms else " tok/s")
+        print(f"  {label}, {rounds} rounds in turn: {line} (first pass: {firsts})", flush=True)
+    return medians
 
 
 # ---- goals ----------------------------------------------------------------------------------------------
 
 
-def goals(fp32: Ours, bf16: Ours | None, int8: Ours | None, score: dict, reuse, ct, ll) -> list:
-    """One row per goal: name, ours, theirs, ratio, goal, met (None where a figure is missing)."""
+def goals(fp32: Ours, bf16: Ours | None, int8: Ours | None, score: dict, reuse, ct, ll, medians) -> list:
+    """One row per goal: name, ours, theirs, ratio, goal, met (None where a figure is missing). A figure
+    measured in turn (`medians`) is its median there, else its first-pass value."""
     rows = []
+    first = first_pass(fp32, bf16, int8, score, ct, ll)
+
+    def fig(figure: tuple, system: str):
+        return medians.get(figure, {}).get(system, first.get(figure, {}).get(system))
 
     def throughput(name, ours, theirs, at_least):
         ratio = ours / theirs if ours and theirs else None
@@ -321,23 +328,23 @@ def goals(fp32: Ours, bf16: Ours | None, int8: Ours | None, score: dict, reuse, 
         ratio = ours / theirs if ours and theirs else None
         rows.append((name, ours, theirs, ratio, f"<= {at_most:.2f}x", None if ratio is None else ratio <= at_most))
 
-    ct_gen = lambda q, b: ct.get((q, b)) if ct else None  # noqa: E731
-    ll_gen = lambda t, b: ll.get((t, b)) if ll else None  # noqa: E731
-    throughput("fp32 c64 tok/s vs CTranslate2 fp32 b64", fp32.gen.get(64), ct_gen("float32", 64), 1.3)
-    throughput("fp32 c64 tok/s vs llama.cpp f32 64 parallel", fp32.gen.get(64), ll_gen("f32", 64), 1.3)
-    latency("fp32 b1 ms/token vs CTranslate2 fp32", fp32.gen.get(1), ct_gen("float32", 1), 1.0)
-    latency("fp32 b1 ms/token vs llama.cpp f32", fp32.gen.get(1), ll_gen("f32", 1), 1.0)
-    scoring = score["tok_s"], ct.get("score") if ct else None
-    throughput("scoring fp32 64x256 tok/s vs CTranslate2 score_batch", *scoring, 1.2)
+    def pair(figure: tuple, baseline: str) -> tuple:
+        return fig(figure, "ours"), fig(figure, baseline)
+
+    ct2, llama = "CTranslate2", "llama.cpp"
+    throughput("fp32 c64 tok/s vs CTranslate2 fp32 b64", *pair(("float32", 64), ct2), 1.3)
+    throughput("fp32 c64 tok/s vs llama.cpp f32 64 parallel", *pair(("float32", 64), llama), 1.3)
+    latency("fp32 b1 ms/token vs CTranslate2 fp32", *pair(("float32", 1), ct2), 1.0)
+    latency("fp32 b1 ms/token vs llama.cpp f32", *pair(("float32", 1), llama), 1.0)
+    throughput("scoring fp32 64x256 tok/s vs CTranslate2 score_batch", *pair(("scoring",), ct2), 1.2)
     diff = score["diff"]
     rows.append(("  scoring max |d logprob| vs HF fp32", diff, None, None, "<= 1e-4", diff <= 1e-4))
-    i8 = int8.gen if int8 else {}
-    throughput("int8 c64 tok/s vs CTranslate2 int8 b64", i8.get(64), ct_gen("int8", 64), 1.2)
-    throughput("int8 c64 tok/s vs llama.cpp q8_0 64 parallel", i8.get(64), ll_gen("q8_0", 64), 1.2)
-    latency("int8 b1 ms/token vs CTranslate2 int8", i8.get(1), ct_gen("int8", 1), 1.0)
-    latency("int8 b1 ms/token vs llama.cpp q8_0", i8.get(1), ll_gen("q8_0", 1), 1.0)
+    throughput("int8 c64 tok/s vs CTranslate2 int8 b64", *pair(("int8", 64), ct2), 1.2)
+    throughput("int8 c64 tok/s vs llama.cpp q8_0 64 parallel", *pair(("int8", 64), llama), 1.2)
+    latency("int8 b1 ms/token vs CTranslate2 int8", *pair(("int8", 1), ct2), 1.0)
+    latency("int8 b1 ms/token vs llama.cpp q8_0", *pair(("int8", 1), llama), 1.0)
     if bf16 is not None:
-        throughput("bf16 (AMX) c64 tok/s vs CTranslate2 int8 b64", bf16.gen.get(64), ct_gen("int8", 64), 2.0)
+        throughput("bf16 (AMX) c64 tok/s vs CTranslate2 int8 b64", *pair(("bfloat16", 64), "CTranslate2 int8"), 2.0)
     warm, cold = reuse
     rows.append(
         (
@@ -350,6 +357,39 @@ def goals(fp32: Ours, bf16: Ours | None, int8: Ours | None, score: dict, reuse, 
         )
     )
     return rows
+
+
+def first_pass(fp32: Ours, bf16: Ours | None, int8: Ours | None, score: dict, ct, ll) -> dict:
+    """The first pass's figures, {(dtype, batch) or ("scoring",): {system: tok/s}}."""
+    ct, ll = ct or {}, ll or {}
+    out: dict[tuple, dict[str, float]] = {}
+    for ours, quant, kind in ((fp32, "float32", "f32"), (int8, "int8", "q8_0")):
+        for batch in (1, 64):
+            systems = {"ours": ours.gen.get(batch), "CTranslate2": ct.get((quant, batch))}
+            systems["llama.cpp"] = ll.get((kind, batch))
+            out[quant, batch] = {k: v for k, v in systems.items() if v}
+    if bf16 is not None:
+        systems = {"ours": bf16.gen.get(64), "CTranslate2 int8": ct.get(("int8", 64))}
+        out["bfloat16", 64] = {k: v for k, v in systems.items() if v}
+    out["scoring",] = {k: v for k, v in {"ours": score["tok_s"], "CTranslate2": ct.get("score")}.items() if v}
+    return out
+
+
+def rerunners(fp32: Ours, bf16: Ours | None, int8: Ours | None, score: dict, ct, ll) -> dict:
+    """What measures each first-pass figure once more, in the same shape as `first_pass`."""
+    ct, ll = ct or {}, ll or {}
+    out: dict[tuple, dict] = {}
+    for ours, quant, kind in ((fp32, "float32", "f32"), (int8, "int8", "q8_0")):
+        for batch in (b for b in (1, 64) if b in ours.gen):
+            systems = {"ours": ours.again.get(batch), "CTranslate2": ct.get(("again", quant, batch))}
+            systems["llama.cpp"] = ll.get(("again", kind, batch))
+            out[quant, batch] = {k: v for k, v in systems.items() if v}
+    if bf16 is not None and 64 in bf16.gen:
+        systems = {"ours": bf16.again.get(64), "CTranslate2 int8": ct.get(("again", "int8", 64))}
+        out["bfloat16", 64] = {k: v for k, v in systems.items() if v}
+    systems = {"ours": score["again"], "CTranslate2": ct.get(("again", "score"))}
+    out["scoring",] = {k: v for k, v in systems.items() if v}
+    return out
 
 
 def show(value, digits: str = ".1f") -> str:
@@ -408,8 +448,8 @@ def main() -> None:
         reuse = measure_prefix_reuse(store)
         ct = measure_ct2(args.ct2_python, work / "hf", work, new_tokens, threads) if args.ct2_python else None
         ll = measure_llama(args.llama_cpp, hf, work, new_tokens, threads) if args.llama_cpp else None
-        if args.rounds > 0:
-            measure_in_turn(args.rounds, fp32, int8, score, ct, ll)
+        runs = rerunners(fp32, bf16, int8, score, ct, ll)
+        medians = measure_in_turn(args.rounds, runs, first_pass(fp32, bf16, int8, score, ct, ll))
 
     print(f"\nGPT-2-small shape, prompt {PROMPT_LEN}, {new_tokens} generated, greedy, ignore_eos, {threads} threads")
     print(
@@ -425,7 +465,7 @@ def main() -> None:
                 f"{t50:>8.3f}s {t95:>8.3f}s"
             )
     print(f"\n{machine()}\ngoals (same run, same weights):")
-    rows = goals(fp32, bf16, int8, score, reuse, ct, ll)
+    rows = goals(fp32, bf16, int8, score, reuse, ct, ll, medians)
     print_goals(rows)
     if args.json:
         names = ("name", "ours", "theirs", "ratio", "goal", "met")

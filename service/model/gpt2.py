@@ -128,11 +128,15 @@ class GPT2(nn.Module):
         if quantization == "int8" and self.wte.weight.device.type == "cpu":
             linear.int8_on_huge_pages([m for m in self.modules() if isinstance(m, Linear)] + [self.head])
         self._decoder = self._small_decoder(blocks) if compiled else None
-        self._screen = None
-        if compiled and quantization == "none" and self.wte.weight.dtype == torch.float32:
-            if self.wte.weight.device.type == "cpu" and kernels.gemv() is not None:
-                self._screen = memory.on_huge_pages({"screen": self.head.weight.to(torch.bfloat16)})["screen"]
+        self._screen = self._greedy_screen(head) if compiled else None
         return self.describe_kernels()
+
+    def _greedy_screen(self, choice: linear.KernelChoice) -> torch.Tensor | None:
+        """The head's weight in bfloat16 for `greedy_tokens`, where the head's product for one or two rows is
+        `gemv` (the argmax it finds is that product's); None elsewhere."""
+        if choice.small != "gemv":
+            return None
+        return memory.on_huge_pages({"screen": self.head.weight.to(torch.bfloat16)})["screen"]
 
     def greedy_tokens(self, hidden: torch.Tensor) -> list[int] | None:
         """The first argmax of each row's logits, for fewer than GEMV_ROWS rows (N, n_embd), found exactly
@@ -176,7 +180,7 @@ def _small_decode(layout: BatchLayout, cache: KVCache | None) -> bool:
     """Whether this step is one the SmallDecoder computes: fewer than GEMV_ROWS sequences, each decoding its
     next token, attended by the compiled decode kernel."""
     return (
-        len(layout.query_lens) < linear.GEMV_ROWS
+        0 < len(layout.query_lens) < linear.GEMV_ROWS
         and cache is not None
         and cache.decode_kernel is not None
         and all(q == 1 for q in layout.query_lens)

@@ -325,13 +325,14 @@ def test_the_compiled_target_logprobs_equal_log_softmax(dtype):
     logits[1, :100] = float("-inf")  # masked entries count for nothing
     logits[2, 3] = logits[2].max() + 5  # a clear argmax, the target below
     logits[3, 11] = float("nan")  # a NaN row: NaN logprob, as log_softmax gives
+    logits[4, 9] = float("inf")  # a +inf row: NaN throughout, as log_softmax gives (inf - inf)
     targets = torch.tensor([0, 200, 3, 5, 50256, 7, 8])
     targets[5] = logits[5].float().argmax()
     chosen, greedy = module.target_logprobs(logits, targets)
     reference, _, _ = logprobs_topn(logits, targets, 0)
     assert chosen.dtype == torch.float32 and greedy.dtype == torch.bool
     finite = ~reference.isnan()
-    assert torch.equal(finite, ~chosen.isnan()) and not finite[3]
+    assert torch.equal(finite, ~chosen.isnan()) and not finite[3] and not finite[4]
     assert (chosen[finite] - reference[finite]).abs().max() <= 1e-5
     assert torch.equal(greedy, logits.max(dim=-1).indices == targets) and greedy[2] and greedy[5]
     with pytest.raises(RuntimeError, match="outside the vocabulary"):

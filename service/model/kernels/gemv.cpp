@@ -9,7 +9,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <cstring>
@@ -182,7 +184,8 @@ at::Tensor linear_small(const at::Tensor& x_in, const at::Tensor& weight, const 
 // gamma) sum_k |x_k| |W_jk| (gamma: float32 summation error, K 2^-24), which the same pass bounds from
 // the copy itself. Every j with z~_j + e_j below L = max_j (z~_j - e_j) is strictly below the maximum; the
 // rest (a handful of rows, typically) are computed exactly as linear_small does and compared. Returns int64
-// (M,), -1 for a row it cannot decide (a NaN or infinity in the screen): the caller computes the logits.
+// (M,), -1 for a row it cannot decide (a NaN or infinity in the screen, an overflow): the caller computes the
+// logits. (Bit-equal to linear_small where every thread runs in the same denormal mode, as torch's do.)
 at::Tensor greedy_head(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& screen) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) <= kMaxRows && x_in.scalar_type() == at::kFloat, "greedy_head: x");
   TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kFloat && weight.size(1) == x_in.size(1),
@@ -206,11 +209,15 @@ at::Tensor greedy_head(const at::Tensor& x_in, const at::Tensor& weight, const a
   });
   const float gamma = static_cast<float>(k) * std::ldexp(1.f, -24);
   const float c = 1.01f * (std::ldexp(1.f, -8) + 3 * gamma) + std::ldexp(1.f, -18);  // + the comparisons' rounding
-  const float tiny = std::numeric_limits<float>::min();  // bfloat16's subnormal weights: an absolute slack
   int64_t* op = out.data_ptr<int64_t>();
   for (int64_t r = 0; r < m; ++r) {
     const float* z = approx.data() + r * n;
     const float* a = mass.data() + r * n;
+    // Absolute slack for what the relative bound misses: subnormal weights round to bfloat16 within 2^-134,
+    // not 2^-8 of themselves, and products may underflow (2^-149 each).
+    double l1 = 0;
+    for (int64_t i = 0; i < k; ++i) l1 += std::fabs(xp[r * k + i]);
+    const float tiny = static_cast<float>(2 * (std::ldexp(l1, -134) + k * std::ldexp(1.0, -149)));
     float floor = -std::numeric_limits<float>::infinity();
     bool finite = true;
     for (int64_t j = 0; j < n; ++j) {
@@ -220,13 +227,14 @@ at::Tensor greedy_head(const at::Tensor& x_in, const at::Tensor& weight, const a
     if (!finite) continue;
     int64_t best = -1;
     float best_value = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < n && best != -2; ++j) {
       if (z[j] + (c * a[j] + tiny) < floor) continue;
       float exact;
       dot_rows<1>(xp + r * k, k, wp + j * k, 0, 1, &exact, 1);  // as linear_small computes row j
-      if (best < 0 || exact > best_value) best = j, best_value = exact;
+      if (std::isnan(exact)) best = -2;  // overflow in the float32 sum: the caller's logits decide
+      else if (best < 0 || exact > best_value) best = j, best_value = exact;
     }
-    op[r] = best;
+    op[r] = best < 0 ? -1 : best;
   }
   return out;
 }

@@ -34,8 +34,8 @@ std::tuple<at::Tensor, at::Tensor> target_logprobs(const at::Tensor& logits, con
 // decode_small.cpp: the model's forward for a decode step of one or two sequences in one call.
 class SmallDecoder {
  public:
-  // One entry per block, 16 tensors each: ln_1 weight, bias; then per linear (qkv, attention proj, fc, mlp
-  // proj) its weight, bias and, for int8, `int8` below; float32 linears leave `int8` empty.
+  // One entry per block, 32 tensors each: ln_1 weight, bias, ln_2 weight, bias; then per linear (qkv,
+  // attention proj, fc, mlp proj) its weight, bias and the five int8 ones below (empty for float32).
   struct Linear {
     at::Tensor weight, bias;
     bool int8 = false;

@@ -62,7 +62,7 @@ int64_t row_argmax(const T* row, int64_t n) {
 // log(sum_j exp(row[j] - m)) + m for a row without NaN whose maximum is m.
 template <typename T>
 float row_logsumexp(const T* row, int64_t n, float m) {
-  if (std::isinf(m)) return m;  // every entry -inf (or one +inf): as log_softmax, via exp(-inf) = 0
+  if (std::isinf(m)) return m;  // every entry -inf: the target's -inf - (-inf) is NaN, as log_softmax gives
   const __m512 mv = _mm512_set1_ps(m);
   __m512 total = _mm512_setzero_ps();
   int64_t i = 0;
@@ -124,7 +124,10 @@ std::tuple<at::Tensor, at::Tensor> target_logprobs(const at::Tensor& logits, con
           const int64_t best = row_argmax(row, n);
           const float m = static_cast<float>(row[best]);
           gp[r] = best == tp[r];
-          cp[r] = std::isnan(m) ? m : static_cast<float>(row[tp[r]]) - row_logsumexp(row, n, m);
+          // A row holding +inf is NaN throughout under log_softmax (inf - inf), as one holding NaN.
+          cp[r] = std::isnan(m) || m == std::numeric_limits<float>::infinity()
+                      ? std::numeric_limits<float>::quiet_NaN()
+                      : static_cast<float>(row[tp[r]]) - row_logsumexp(row, n, m);
         };
         if (type == at::kFloat) {
           score(x.data_ptr<float>() + r * n);
