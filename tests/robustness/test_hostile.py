@@ -610,7 +610,8 @@ def test_the_deadline_spares_complete_requests_and_keep_alive(deadline_url, monk
     monkeypatch.setattr(service.connections, "REQUEST_TIMEOUT_S", 0.3)
     with httpx.Client(base_url=deadline_url, timeout=TIMEOUT) as client:
         start = time.monotonic()  # a response that takes longer than the deadline: the request was complete
-        r = client.post("/v1/completions", json={"prompt": [1], "n": 16, "max_tokens": 250, "ignore_eos": True})
+        body = {"prompt": [[1], [2], [3], [4]], "n": 16, "max_tokens": 250, "ignore_eos": True}  # 64 x 250 tokens
+        r = client.post("/v1/completions", json=body)
         assert r.status_code == 200 and time.monotonic() - start > 0.3
         time.sleep(1.0)  # idle between requests: uvicorn's keep-alive (5 s) rules, not the deadline
         assert client.get("/health").status_code == 200
