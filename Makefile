@@ -46,7 +46,8 @@ $(INSTALLED): pyproject.toml Dockerfile | $(PY)
 
 # The engine benchmark's baselines, once per machine, in build/ (not project dependencies): CTranslate2 in
 # its own venv (bench/baselines-requirements.txt), llama.cpp built from PyPI's llama-cpp-python source
-# (about 20 minutes on 2 cores). Then: bench/engine.py --ct2-python build/ct2venv/bin/python --llama-cpp build/llama-cpp
+# (about 20 minutes on 2 cores; llama-server included). Then: bench/engine.py --ct2-python build/ct2venv/bin/python
+# --llama-cpp build/llama-cpp, and bench/http_load.py --llama-cpp build/llama-cpp
 baselines: $(INSTALLED)
 	test -x build/ct2venv/bin/python || $(PYTHON) -m venv build/ct2venv
 	build/ct2venv/bin/pip install --quiet -r bench/baselines-requirements.txt

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from model_store import ModelStore
@@ -61,7 +61,47 @@ def random_gpt2_small(tmp: Path) -> tuple[ModelStore, GPT2LMHeadModel]:
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(attn_pdrop=0, embd_pdrop=0, resid_pdrop=0)).eval()
     hf.save_pretrained(tmp / "hf")
-    Tokenizer(models.BPE()).save(str(tmp / "hf" / "tokenizer.json"))  # a placeholder: benchmarks feed ids
+    synthetic_tokenizer(hf.config.vocab_size).save(str(tmp / "hf" / "tokenizer.json"))
     store = ModelStore(tmp / "store")
     import_hf(store, str(tmp / "hf"), "bench")
     return store, hf
+
+
+EOS = "<|endoftext|>"
+
+
+def synthetic_vocab(vocab_size: int = 50257, seed: int = 0) -> tuple[list[str], list[tuple[str, str]]]:
+    """A GPT-2-sized byte-level BPE vocabulary without a download: the 256 byte symbols, then tokens that
+    each extend an earlier one by a letter (a word, or a word after the space symbol, as GPT-2's tokens
+    mostly are; up to 8 characters), then `<|endoftext|>` last. Decoding it costs about what decoding GPT-2
+    text costs; the benchmarks feed token ids and never encode. Returns (tokens by id, merges)."""
+    import random
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord)
+    space = chr(0x120)  # the byte-level symbol of " "
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    tokens, merges, seen = list(symbols), [], set(symbols)
+    stems = ([space], list(letters))  # most GPT-2 tokens start a word: 60 % here
+    rng = random.Random(seed)
+    while len(tokens) < vocab_size - 1:
+        stem = rng.choice(stems[rng.random() >= 0.6])
+        merged = stem + letters[min(int(rng.expovariate(0.15)), 25)]
+        if merged in seen:
+            continue
+        seen.add(merged)
+        tokens.append(merged)
+        merges.append((stem, merged[-1]))
+        if len(merged) < 8:
+            stems[merged[0] != space].append(merged)
+    tokens.append(EOS)
+    return tokens, merges
+
+
+def synthetic_tokenizer(vocab_size: int = 50257) -> Tokenizer:
+    """`synthetic_vocab` as a GPT-2-style byte-level BPE tokenizer (`<|endoftext|>` special)."""
+    tokens, merges = synthetic_vocab(vocab_size)
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens[:-1])}, merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(EOS, special=True)])
+    return tokenizer

@@ -1,52 +1,52 @@
-"""Benchmark the HTTP service under streaming load, beside the hand-written server baseline, in one run.
+"""Benchmark the HTTP service under streaming load, beside its own engine called directly and llama.cpp's
+server, in one run, and check the serving goals.
 
-    .venv/bin/python bench/http_load.py [--quick] [--dtype float32|bfloat16|auto] [--concurrency 64]
-                                        [--requests 128] [--new-tokens 128] [--servers ours,naive]
-                                        [--naive-python PYTHON] [--before DIR] [--rounds N]
+    make baselines                      # once per machine: builds llama-server too (build/llama-cpp)
+    .venv/bin/python bench/http_load.py --llama-cpp build/llama-cpp [--concurrency 1,16,64,256]
+                                        [--rounds 2] [--new-tokens 128] [--servers ours,engine,llama]
+                                        [--dtype float32] [--json PATH] [--quick]
 
-The full measurement (the engine benchmark, bench/engine.py, repeated through HTTP) is the defaults:
+One GPT-2-small-shape model with random weights and a GPT-2-sized byte-level vocabulary (bench/common.py,
+no download) is measured, one system at a time, on 127.0.0.1 only, under the same closed-loop load at each
+--concurrency level: that many clients pull from a list of requests (8 at 1 client, twice the clients up to
+64, one per client beyond; --requests overrides), each a prompt of 32 random token ids and exactly
+--new-tokens generated tokens, greedy, ignore_eos, streamed; a different list per level and round (no
+prefix cache helps), the same lists for every system. Every response is checked for its token count.
 
-    .venv/bin/python bench/http_load.py
+- ours: `python -m service` (this interpreter) with DTYPE=--dtype, MAX_NUM_SEQS = max(64, clients), a KV
+  budget that holds every client's sequence, NUM_THREADS as this process; `POST /v1/completions` with
+  `stream`, `ignore_eos`, `min_tokens` = `max_tokens` and `stream_options.include_usage`;
+- engine: the same model and engine configuration (built from the same settings by ServiceConfig), called
+  directly in this process with the same closed loop: what the service would do without HTTP;
+- llama: `llama-server` (bench/llama_cpp.py builds it) on the same weights as GGUF f32, `-np` = the clients,
+  `--cont-batching`, the same threads; its `POST /v1/completions` with the same body;
+- before (optional, --before DIR): ours from another checkout, for A/B runs of a change;
+- naive (optional): bench/naive_server.py, one HF `generate` at a time (it does not stream: its TTFT is its
+  latency).
 
-and a smoke test (16 clients, 32 requests, 32 generated tokens) is `--quick`. To compare this checkout with
-an earlier version of the service in one run, serve both: check the earlier commit out beside this one
-(`git worktree add /tmp/before COMMIT`) and run with `--before /tmp/before --servers ours,before --rounds 2`.
+Per system and level: generated tokens/s (all generated tokens / wall time of the pass), time to first
+token p50/p95 (first SSE event carrying a token), inter-token time p50/p95 (between a stream's successive
+token events), time per output token (each request's (latency - TTFT) / (tokens - 1), median), errors,
+and the CPU share others used meanwhile. With --rounds N every level is measured N times, the systems in
+another order each round, a fresh server each time, and the figures are medians over rounds.
 
-One GPT-2-small-shape model with random weights (bench/common.py `random_gpt2_small`, no download) is
-served by each server in turn, one at a time, on 127.0.0.1 only:
+Then the burst: 100 requests at once against ours with MAX_NUM_SEQS=4 and MAX_WAITING_REQUESTS=8 while it
+generates, each on a connection opened beforehand, written by a client of raw asyncio streams (httpx itself
+needs ~100 ms for 100 concurrent requests here); every refusal must be a 429 with Retry-After, and its
+latency from the client's side is reported (p50, p95).
 
-- ours: `python -m service` (this interpreter) with MODEL=bench from the temporary store, DTYPE=--dtype,
-  MAX_NUM_SEQS=64, a KV budget that holds every client's full sequence, NUM_THREADS as this process;
-- before: the same, but the service's code from the checkout at --before (run from that directory, with
-  this interpreter and its packages);
-- naive: bench/naive_server.py (FastAPI, one HF `generate` at a time under a lock, float32) run by
-  --naive-python (default: this interpreter) on the same weights saved in HF format, with --threads as this
-  process.
-
-With --rounds N every server is started and measured N times, in turn (ours, before, ..., ours, before,
-...), so slow drifts of a shared machine fall on all of them; the figures are medians over every pass.
-
-The same load generator (asyncio + httpx, here) drives both: --concurrency clients pull from a fixed list of
---requests requests, each a prompt of 32 random token ids (the same ids for both servers; a different list
-per pass, so no pass reuses another's prefix cache) and exactly --new-tokens generated tokens, greedy: ours
-gets `POST /v1/completions` with `stream: true`, `ignore_eos`, `min_tokens` = `max_tokens` and
-`stream_options.include_usage`; the naive server gets its own `POST /generate {input_ids, max_new_tokens}`,
-which forces `min_new_tokens` = `max_new_tokens`. Every response is checked for the exact token count. One
-untimed warm-up request per server start, then --repeats timed passes (median reported).
-
-Per server: generated tokens/s (all generated tokens / wall time of the pass), requests/s, time to first
-token p50/p95, end-to-end latency p50/p95, errors; then ours/naive and ours/before. TTFT for ours is the arrival of the
-first SSE event (it carries the first token); the naive server does not stream, so its "TTFT" is the full
-latency, marked as such. The client runs on the same CPUs as the server (it parses every SSE event of
-ours), and other processes on a shared machine add noise: the CPU share used by others during each pass is
-printed. Bounded: --req-timeout per request, --deadline-s per pass, --start-timeout per server start; the
-servers run in their own sessions and are stopped (SIGTERM, then SIGKILL) at the end, also on failure or
-Ctrl-C. Not part of the test suite. Named http_load.py, not http.py: Python puts bench/ first on sys.path
-for every script in it, and a bench/http.py would shadow the standard library's `http` for them all.
+Then the goals table (ours, theirs, ratio, goal, met); --json writes `{"machine": ..., "results": [...],
+"burst": {...}, "targets": [{"name", "ours", "theirs", "ratio", "goal", "met"}]}`. The client runs on the
+same CPUs as the servers; its share and others' are printed per pass. Bounded: --req-timeout per request,
+--deadline-s per pass, --start-timeout per server start; servers run in their own sessions and are stopped
+(SIGTERM, then SIGKILL) at the end, also on failure or Ctrl-C. Not part of the test suite. Named
+http_load.py, not http.py: Python puts bench/ first on sys.path for every script in it, and a bench/http.py
+would shadow the standard library's `http` for them all.
 """
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -55,22 +55,29 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import torch
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).resolve().parent.parent)]  # bench/, the repo
-from common import machine, random_gpt2_small  # noqa: E402
+import llama_cpp  # noqa: E402
+from common import cpu_flags, machine, random_gpt2_small  # noqa: E402
 
 from reliability.figures import pct  # noqa: E402
 from reliability.server import free_port  # noqa: E402
+from service.config import ServiceConfig  # noqa: E402
+from service.engine import Engine, EngineRequest, SamplingParams  # noqa: E402
+from service.model import load_model  # noqa: E402
 
 PROMPT_LEN = 32
 VOCAB = 50256  # prompt ids in [0, 50256): EOS excluded
 REPO = Path(__file__).resolve().parent.parent
 NAIVE_SERVER = Path(__file__).resolve().parent / "naive_server.py"
 HOST = "127.0.0.1"
+BURST = dict(requests=100, max_num_seqs=4, max_waiting=8)
 
 
 # ---- CPU noise: busy CPU time of everything but the server and this process ----------------------------
@@ -120,7 +127,6 @@ class Server:
     ) -> None:
         self.name, self.log, self.base = name, log, f"http://{HOST}:{port}"
         self.ready_url = self.base + ready_path
-        print(f"  $ {' '.join(cmd)}", flush=True)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 cmd,
@@ -155,7 +161,7 @@ class Server:
             return ""
         return "\n".join(f"    | {line}" for line in text)
 
-    def stop(self, grace: float = 15) -> None:
+    def stop(self, grace: float = 15, quiet: bool = False) -> None:
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -165,69 +171,72 @@ class Server:
                 self.proc.wait(10)
             except ProcessLookupError:
                 pass
-        print(f"  {self.name} server (pid {self.proc.pid}) stopped, exit {self.proc.returncode}", flush=True)
+        if not quiet:
+            print(f"  {self.name} server (pid {self.proc.pid}) stopped, exit {self.proc.returncode}", flush=True)
 
 
-def start_ours(
-    args: argparse.Namespace, store_root: Path, work: Path, kv_bytes: int, threads: int, name: str = "ours"
-) -> Server:
-    """`python -m service` from this checkout (`ours`) or from the one at --before (`before`)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS",)}
-    env.update(
-        HOST=HOST,
-        PORT=str(port),
+def ours_settings(args: argparse.Namespace, clients: int, store_root: Path, threads: int, **overrides) -> dict:
+    """The service's settings for `clients` streams: what ours runs with and what `engine` is built from."""
+    kv_tokens = max(clients, 64) * (PROMPT_LEN + args.new_tokens) + 2048
+    kv_bytes = int(kv_tokens * args.kv_bytes_per_token * 1.25)
+    settings = dict(
         MODEL="bench",
         MODEL_STORE_ROOT=str(store_root),
         DEVICE="cpu",
         DTYPE=args.dtype,
-        MAX_NUM_SEQS="64",
+        MAX_NUM_SEQS=str(max(64, clients)),
         MAX_NUM_BATCHED_TOKENS="2048",
         KV_CACHE_MEMORY=str(kv_bytes),
-        MAX_WAITING_REQUESTS=str(max(256, args.requests)),
+        MAX_WAITING_REQUESTS=str(max(256, 2 * clients)),
         NUM_THREADS=str(threads),
-        LOG_LEVEL="info",
-        DRAIN_TIMEOUT="5",
     )
+    return {**settings, **{k: str(v) for k, v in overrides.items()}}
+
+
+def start_ours(args: argparse.Namespace, settings: dict, work: Path, name: str = "ours") -> Server:
+    """`python -m service` from this checkout (`ours`) or from the one at --before (`before`)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEYS",)}
+    env.update(settings, HOST=HOST, PORT=str(port), LOG_LEVEL="warning", DRAIN_TIMEOUT="5")
     tree = REPO if name == "ours" else Path(args.before).resolve()
     env["PYTHONPATH"] = str(tree)  # that checkout's service, whatever the venv's editable install points at
     return Server(name, [sys.executable, "-m", "service"], env, work / f"{name}.log", "/ready", port, tree)
 
 
+def start_llama(args: argparse.Namespace, gguf: Path, work: Path, clients: int, threads: int) -> Server:
+    port = free_port()
+    cmd = llama_cpp.serve_command(
+        Path(args.llama_cpp).resolve(), gguf, HOST, port, clients, PROMPT_LEN + args.new_tokens + 16, threads
+    )
+    return Server("llama", cmd, dict(os.environ), work / "llama.log", "/health", port, work)
+
+
 def start_naive(args: argparse.Namespace, hf_dir: Path, work: Path, threads: int) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    cmd = [
-        args.naive_python,
-        str(Path(args.naive_script).resolve()),
-        "--model",
-        str(hf_dir),
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--threads",
-        str(threads),
-    ]
-    return Server("naive", cmd, env, work / "naive.log", "/health", port, Path(args.naive_script).resolve().parent)
+    cmd = [args.naive_python, str(NAIVE_SERVER), "--model", str(hf_dir), "--host", HOST, "--port", str(port)]
+    return Server("naive", cmd + ["--threads", str(threads)], env, work / "naive.log", "/health", port, work)
 
 
 # ---- load ---------------------------------------------------------------------------------------------
 
 
-class Result:
-    def __init__(self) -> None:
-        self.ttft: list[float] = []
-        self.latency: list[float] = []
-        self.tokens = 0
-        self.errors: list[str] = []
+@dataclass
+class Timing:
+    """One request's figures: time to first token, latency, tokens, and the gaps between token events."""
+
+    ttft: float
+    latency: float
+    tokens: int
+    gaps: list[float] = field(default_factory=list)
+
+    @property
+    def tpot(self) -> float:
+        return (self.latency - self.ttft) / max(self.tokens - 1, 1)
 
 
-async def request_ours(
-    client: httpx.AsyncClient, base: str, prompt: list[int], new_tokens: int, timeout: float
-) -> tuple[float, float, int]:
-    """One streamed completion; returns (time to first event, latency, completion tokens)."""
-    body = {
+def completion_body(prompt: list[int], new_tokens: int) -> dict:
+    return {
         "prompt": prompt,
         "max_tokens": new_tokens,
         "min_tokens": new_tokens,
@@ -236,310 +245,400 @@ async def request_ours(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+async def request_stream(client: httpx.AsyncClient, base: str, prompt: list[int], args) -> Timing:
+    """One streamed `/v1/completions` (ours or llama-server): each SSE event's arrival time, the events
+    parsed after the response ends; the usage's completion tokens (or, without usage, the token events)
+    must be exactly --new-tokens."""
     start = time.perf_counter()
-    first = None
-    buf = bytearray()
-    async with client.stream("POST", base + "/v1/completions", json=body, timeout=timeout) as r:
+    arrivals: list[tuple[float, bytes]] = []
+    pending = b""
+    async with client.stream(
+        "POST", base + "/v1/completions", json=completion_body(prompt, args.new_tokens), timeout=args.req_timeout
+    ) as r:
         if r.status_code != 200:
             await r.aread()
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
         async for data in r.aiter_bytes():
-            if first is None and data:
-                first = time.perf_counter() - start
-            buf += data
+            now = time.perf_counter()
+            *events, pending = (pending + data).split(b"\n\n")
+            arrivals += [(now, e) for e in events if e.strip()]
     latency = time.perf_counter() - start
-    events = [e.removeprefix("data: ") for e in buf.decode().split("\n\n") if e.strip()]
-    if not events or events[-1] != "[DONE]":
-        raise RuntimeError(f"stream did not end with [DONE]: {events[-1:]!r}")
-    chunks = [json.loads(e) for e in events[:-1]]
-    errors = [c for c in chunks if "error" in c]
-    if errors:
-        raise RuntimeError(f"error event: {errors[0]}")
-    if not chunks[0].get("choices"):
-        raise RuntimeError(f"first event carries no token: {chunks[0]}")
-    usage = chunks[-1].get("usage") or {}
-    n = usage.get("completion_tokens")
-    if n != new_tokens:
-        raise RuntimeError(f"{n} completion tokens, expected {new_tokens}")
-    return first, latency, n
+    if not arrivals or arrivals[-1][1].strip() != b"data: [DONE]":
+        raise RuntimeError(f"stream did not end with [DONE]: {arrivals[-1:]!r}")
+    token_times, usage = [], None
+    for at, event in arrivals[:-1]:
+        chunk = json.loads(event.removeprefix(b"data: "))
+        if "error" in chunk:
+            raise RuntimeError(f"error event: {chunk}")
+        usage = chunk.get("usage") or usage
+        if any(c.get("text") for c in chunk.get("choices") or ()):
+            token_times.append(at)
+    n = usage["completion_tokens"] if usage else len(token_times)
+    if n != args.new_tokens or not token_times:
+        raise RuntimeError(f"{n} completion tokens ({len(token_times)} token events), expected {args.new_tokens}")
+    gaps = [b - a for a, b in zip(token_times, token_times[1:])]
+    return Timing(token_times[0] - start, latency, n, gaps)
 
 
-async def request_naive(
-    client: httpx.AsyncClient, base: str, prompt: list[int], new_tokens: int, timeout: float
-) -> tuple[float, float, int]:
+async def request_naive(client: httpx.AsyncClient, base: str, prompt: list[int], args) -> Timing:
     """One /generate; it does not stream, so the "time to first token" is the full latency."""
     start = time.perf_counter()
-    r = await client.post(base + "/generate", json={"input_ids": prompt, "max_new_tokens": new_tokens}, timeout=timeout)
+    body = {"input_ids": prompt, "max_new_tokens": args.new_tokens}
+    r = await client.post(base + "/generate", json=body, timeout=args.req_timeout)
     latency = time.perf_counter() - start
     if r.status_code != 200:
         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
     n = r.json()["n_new"]
-    if n != new_tokens:
-        raise RuntimeError(f"{n} new tokens, expected {new_tokens}")
-    return latency, latency, n
+    if n != args.new_tokens:
+        raise RuntimeError(f"{n} new tokens, expected {args.new_tokens}")
+    return Timing(latency, latency, n)
 
 
-async def one_pass(send, base: str, prompts: list[list[int]], args: argparse.Namespace) -> tuple[float, Result]:
+async def closed_loop(send, base: str, prompts: list[list[int]], clients: int, args) -> tuple[float, list, list]:
+    """`clients` workers pull from `prompts` until it is empty; (wall time, timings, errors)."""
     queue: asyncio.Queue = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
-    res = Result()
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-
+    timings, errors = [], []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(limits=limits) as client:
 
         async def worker() -> None:
-            while True:
-                try:
-                    p = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                try:
-                    ttft, latency, n = await send(client, base, p, args.new_tokens, args.req_timeout)
-                except Exception as exc:  # record it and go on
-                    res.errors.append(f"{type(exc).__name__}: {exc}"[:300])
-                    continue
-                res.ttft.append(ttft)
-                res.latency.append(latency)
-                res.tokens += n
+            while not queue.empty():
+                prompt = queue.get_nowait()
+                for attempt in (0, 1):
+                    try:
+                        timings.append(await send(client, base, prompt, args))
+                    except httpx.RemoteProtocolError as exc:  # a kept-alive connection the server had closed
+                        if attempt == 0 and "without sending a response" in str(exc):
+                            continue  # llama-server closes idle connections: sent again once, as browsers do
+                        errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                    except Exception as exc:  # record it and go on
+                        errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                    break
 
         start = time.perf_counter()
-        workers = [asyncio.ensure_future(worker()) for _ in range(args.concurrency)]
+        workers = [asyncio.ensure_future(worker()) for _ in range(clients)]
         try:
             await asyncio.wait_for(asyncio.gather(*workers), timeout=args.deadline_s)
         except TimeoutError:
-            res.errors.append(f"pass deadline {args.deadline_s:.0f} s reached; {queue.qsize()} requests not sent")
+            errors.append(f"pass deadline {args.deadline_s:.0f} s reached; {queue.qsize()} requests not sent")
         wall = time.perf_counter() - start
-    return wall, res
+    return wall, timings, errors
 
 
-def measure(
-    server: Server, send, passes: list[list[list[int]]], warmup: list[int], args: argparse.Namespace
-) -> list[dict]:
-    async def warm() -> None:
-        async with httpx.AsyncClient() as client:
-            await send(client, server.base, warmup, args.new_tokens, args.req_timeout)
+def engine_loop(engine: Engine, prompts: list[list[int]], clients: int, new_tokens: int) -> tuple[float, list]:
+    """The same closed loop on the engine called directly: `clients` requests in flight, the next one added
+    (before the next step) as one finishes; each request's times taken when its step's outputs return."""
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
+    todo = list(enumerate(prompts))[::-1]
+    added: dict[str, float] = {}
+    token_times: dict[str, list[float]] = {}
+    timings = []
 
-    t0 = time.perf_counter()
-    asyncio.run(warm())
-    print(f"  warm-up request: {time.perf_counter() - t0:.1f} s", flush=True)
-    records = []
-    for i, prompts in enumerate(passes):
-        with CpuMeter(server.proc.pid) as cpu:
-            wall, res = asyncio.run(one_pass(send, server.base, prompts, args))
-        ok = len(res.latency)
-        rec = {
-            "wall_s": wall,
-            "ok": ok,
-            "errors": len(res.errors),
-            "tok_s": res.tokens / wall,
-            "req_s": ok / wall,
-            "ttft_p50": pct(res.ttft, 50),
-            "ttft_p95": pct(res.ttft, 95),
-            "lat_p50": pct(res.latency, 50),
-            "lat_p95": pct(res.latency, 95),
-            "cpu_server": cpu.server,
-            "cpu_client": cpu.client,
-            "cpu_others": cpu.others,
-        }
-        records.append(rec)
-        print(
-            f"  pass {i}: {ok} ok / {len(res.errors)} errors in {wall:.1f} s | {rec['tok_s']:.1f} gen tok/s | "
-            f"{rec['req_s']:.2f} req/s | TTFT p50 {rec['ttft_p50']:.2f} s p95 {rec['ttft_p95']:.2f} s | "
-            f"latency p50 {rec['lat_p50']:.2f} s p95 {rec['lat_p95']:.2f} s | CPU share: server "
-            f"{cpu.server:.0%}, client {cpu.client:.0%}, others {cpu.others:.0%}",
-            flush=True,
-        )
-        for err in res.errors[:3]:
-            print(f"    error: {err}", flush=True)
-    return records
+    def add() -> None:
+        i, prompt = todo.pop()
+        rid = f"r{i}"
+        added[rid] = time.perf_counter()
+        token_times[rid] = []
+        engine.add(EngineRequest(rid, prompt, params))
+
+    start = time.perf_counter()
+    for _ in range(min(clients, len(todo))):
+        add()
+    while engine.has_work:
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            token_times[out.request_id] += [now] * len(out.token_ids)
+            if out.finished:
+                times = token_times.pop(out.request_id)
+                t0 = added.pop(out.request_id)
+                gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
+                timings.append(Timing(times[0] - t0, now - t0, len(times), gaps))
+                if todo:
+                    add()
+    wall = time.perf_counter() - start
+    assert all(t.tokens == new_tokens for t in timings) and len(timings) == len(prompts)
+    return wall, timings
 
 
-def summary(records: list[dict]) -> dict:
-    out = {k: statistics.median(r[k] for r in records) for k in records[0] if k != "errors"}
-    out["errors"] = sum(r["errors"] for r in records)
-    return out
-
-
-def baseline_versions(python: str) -> str:
-    code = "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    try:
-        out = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        return out.stdout.strip() or out.stderr.strip()[-200:]
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return repr(exc)
-
-
-def serve_and_measure(
-    name: str, args: argparse.Namespace, store_root: Path, work: Path, kv_bytes: int, threads: int, passes, warmup
-) -> list[dict] | None:
-    """Start one server, measure its passes, stop it; None (and its log's tail) if it failed."""
-    server = None
-    try:
-        if name == "naive":
-            server, send = start_naive(args, work / "hf", work, threads), request_naive
-        else:
-            server, send = start_ours(args, store_root, work, kv_bytes, threads, name), request_ours
-        print(f"  ready after {server.wait_ready(args.start_timeout):.1f} s", flush=True)
-        if name != "naive":
-            info = httpx.get(server.base + "/v1/models", timeout=10).json()["data"][0]
-            print(
-                f"  serving {info.get('id')} dtype {info.get('dtype')}, KV budget {kv_bytes / 2**20:.0f} MiB",
-                flush=True,
-            )
-        return measure(server, send, passes, warmup, args)
-    except Exception as exc:
-        print(f"  {name} FAILED: {exc}", flush=True)
-        if server is not None:
-            print(server.log_tail(), flush=True)
-        return None
-    finally:
-        if server is not None:
-            server.stop()
-
-
-def _commit(tree: Path) -> str:
-    done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+def record(system: str, clients: int, wall: float, timings: list[Timing], errors: list[str], cpu=None) -> dict:
+    gaps = [g for t in timings for g in t.gaps]
+    rec = {
+        "system": system,
+        "clients": clients,
+        "wall_s": wall,
+        "ok": len(timings),
+        "errors": len(errors),
+        "tok_s": sum(t.tokens for t in timings) / wall,
+        "ttft_p50": pct([t.ttft for t in timings], 50),
+        "ttft_p95": pct([t.ttft for t in timings], 95),
+        "itl_p50": pct(gaps, 50),
+        "itl_p95": pct(gaps, 95),
+        "tpot": statistics.median(t.tpot for t in timings) if timings else float("nan"),
+        "cpu_client": cpu.client if cpu else None,
+        "cpu_others": cpu.others if cpu else None,
+    }
+    share = f" | CPU: client {cpu.client:.0%}, others {cpu.others:.0%}" if cpu else ""
+    print(
+        f"  {system} x{clients}: {len(timings)} ok / {len(errors)} errors in {wall:.1f} s | {rec['tok_s']:.1f} tok/s "
+        f"| TTFT p50 {rec['ttft_p50']:.3f} s p95 {rec['ttft_p95']:.3f} s | inter-token p50 "
+        f"{rec['itl_p50'] * 1e3:.1f} ms p95 {rec['itl_p95'] * 1e3:.1f} ms | TPOT {rec['tpot'] * 1e3:.1f} ms{share}",
+        flush=True,
     )
-    return (done.stdout.strip() or "?") + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    for err in errors[:3]:
+        print(f"    error: {err}", flush=True)
+    return rec
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    work: Path
+    store_root: Path
+    threads: int
+    gguf: Path | None = None
+
+    def run(self, system: str, clients: int, prompts: list[list[int]], warmup: list[int]) -> dict | None:
+        """One system at one level: start it, warm it up with one request, one timed pass, stop it. None
+        (and the log's tail) if it failed to start or to warm up."""
+        if system == "engine":
+            return self.run_engine(clients, prompts, warmup)
+        settings = ours_settings(self.args, clients, self.store_root, self.threads)
+        server, send = None, request_stream
+        try:
+            if system in ("ours", "before"):
+                server = start_ours(self.args, settings, self.work, system)
+            elif system == "llama":
+                server = start_llama(self.args, self.gguf, self.work, clients, self.threads)
+            else:
+                server, send = start_naive(self.args, self.work / "hf", self.work, self.threads), request_naive
+            server.wait_ready(self.args.start_timeout)
+            asyncio.run(closed_loop(send, server.base, [warmup], 1, self.args))
+            with CpuMeter(server.proc.pid) as cpu:
+                wall, timings, errors = asyncio.run(closed_loop(send, server.base, prompts, clients, self.args))
+            return record(system, clients, wall, timings, errors, cpu)
+        except Exception as exc:
+            print(f"  {system} FAILED: {exc}", flush=True)
+            if server is not None:
+                print(server.log_tail(), flush=True)
+            return None
+        finally:
+            if server is not None:
+                server.stop(quiet=True)
+
+    def run_engine(self, clients: int, prompts: list[list[int]], warmup: list[int]) -> dict:
+        config = ServiceConfig.from_env(ours_settings(self.args, clients, self.store_root, self.threads))
+        from model_store import ModelStore
+
+        loaded = load_model(ModelStore(self.store_root), config.model, dtype=config.dtype)
+        engine = Engine(loaded, config.engine_config(loaded.model.cfg.n_positions))
+        engine_loop(engine, [warmup], 1, self.args.new_tokens)
+        wall, timings = engine_loop(engine, prompts, clients, self.args.new_tokens)
+        del engine, loaded
+        gc.collect()
+        return record("engine", clients, wall, timings, [])
+
+    def burst(self) -> dict:
+        """100 requests at once past the queue limit while the engine generates: each refusal's latency."""
+        settings = ours_settings(
+            self.args, 4, self.store_root, self.threads, MAX_NUM_SEQS=BURST["max_num_seqs"],
+            MAX_WAITING_REQUESTS=BURST["max_waiting"],
+        )  # fmt: skip
+        server = start_ours(self.args, settings, self.work, "ours")
+        try:
+            server.wait_ready(self.args.start_timeout)
+            return asyncio.run(burst(server.base, self.args))
+        finally:
+            server.stop(quiet=True)
+
+
+async def burst(base: str, args: argparse.Namespace) -> dict:
+    """The burst: every request written at once on its own connection, opened beforehand (as a proxy's pool
+    keeps them), by a client of raw asyncio streams, so that what is timed is the server's answer rather
+    than TCP setup or an HTTP client's own cost (httpx: ~100 ms p95 for 100 concurrent GET /health here);
+    after one unmeasured burst (a fresh server's first-time paths)."""
+    host, port = base.removeprefix("http://").split(":")
+    gen = torch.Generator().manual_seed(7)
+
+    async def one(reader, writer, request: bytes) -> tuple[int, float, bool]:
+        start = time.perf_counter()
+        writer.write(request)
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        length = int(head.split("content-length:")[1].split("\r\n")[0]) if "content-length:" in head else 0
+        body = await reader.readexactly(length)
+        took = time.perf_counter() - start
+        status = int(head.split()[1])
+        return status, took, status != 429 or ("retry-after:" in head and b'"error"' in body)
+
+    for _ in range(2):  # the first unmeasured
+        conns = [await asyncio.open_connection(host, int(port)) for _ in range(BURST["requests"])]
+        requests = []
+        for prompt in torch.randint(0, VOCAB, (BURST["requests"], PROMPT_LEN), generator=gen).tolist():
+            body = json.dumps({**completion_body(prompt, args.new_tokens), "stream": False}).encode()
+            head = f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            requests.append(head.encode() + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        results = await asyncio.gather(*(one(r, w, q) for (r, w), q in zip(conns, requests)))
+        for _, writer in conns:
+            writer.close()
+    refused = [(took, ok) for status, took, ok in results if status == 429]
+    return {
+        "requests": len(results),
+        "ok": sum(1 for status, _, _ in results if status == 200),
+        "refused": len(refused),
+        "other": sum(1 for status, _, _ in results if status not in (200, 429)),
+        "retry_after_all": all(ok for _, ok in refused),
+        "p50": pct([took for took, _ in refused], 50),
+        "p95": pct([took for took, _ in refused], 95),
+    }
+
+
+# ---- goals ----------------------------------------------------------------------------------------------
+
+
+def goals(med: Callable[[str, int, str], float], burst_result: dict | None, errors: Callable[[str, int], int]) -> list:
+    rows = []
+
+    def row(name, ours, theirs, goal, met_if):
+        ratio = ours / theirs if ours == ours and theirs == theirs and theirs else float("nan")
+        rows.append({"name": name, "ours": ours, "theirs": theirs, "ratio": ratio, "goal": goal, "met": met_if(ratio)})
+
+    nan = float("nan")
+    row("64 clients: tok/s, ours / engine direct", med("ours", 64, "tok_s"), med("engine", 64, "tok_s"), ">= 0.9",
+        lambda r: r >= 0.9)  # fmt: skip
+    for c in (64, 256):
+        row(f"{c} clients: tok/s, ours / llama-server", med("ours", c, "tok_s"), med("llama", c, "tok_s"), ">= 1.3",
+            lambda r: r >= 1.3)  # fmt: skip
+        row(f"{c} clients: TTFT p50 s, ours / llama-server", med("ours", c, "ttft_p50"), med("llama", c, "ttft_p50"),
+            "<= 1.0", lambda r: r <= 1.0)  # fmt: skip
+        errs = errors("ours", c)
+        if med("ours", c, "tok_s") == med("ours", c, "tok_s"):  # measured at this level
+            row(f"{c} clients: errors (ours)", errs, nan, "0", lambda r, e=errs: e == 0)
+    row("1 client: time per output token ms, ours / engine", med("ours", 1, "tpot") * 1e3,
+        med("engine", 1, "tpot") * 1e3, "<= 1.05", lambda r: r <= 1.05)  # fmt: skip
+    if burst_result is not None:
+        b = burst_result
+        every = b["refused"] > 0 and b["other"] == 0 and b["retry_after_all"]
+        row("burst: refusals are 429 + Retry-After", b["refused"], nan, "all", lambda r: every)
+        row("burst: refusal p95 ms", b["p95"] * 1e3, nan, "<= 100", lambda r: b["p95"] <= 0.1)
+    return [r for r in rows if r["ours"] == r["ours"]]  # a goal whose figure was not measured is left out
+
+
+def show(value, digits: str = ".2f") -> str:
+    return "n/a" if value is None or value != value else format(value, digits)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: 16 clients, 32 requests, 32 new tokens")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=("float32", "bfloat16", "auto"),
-        help="ours (the naive server is always float32)",
-    )
-    parser.add_argument("--concurrency", type=int, default=None, help="concurrent streaming clients (default 64)")
-    parser.add_argument("--requests", type=int, default=None, help="requests per pass (default 128)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 and 16 clients, 32 new tokens")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"), help="ours and engine")
+    parser.add_argument("--concurrency", default=None, help="client counts, comma-separated (default 1,16,64,256)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per pass (default: 8 or 2x clients)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens per request (default 128)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed passes per server (median reported)")
-    parser.add_argument("--servers", default="ours,naive", help="which to run, in order: ours, before, naive")
+    parser.add_argument("--servers", default="ours,engine,llama", help="of ours, engine, llama, before, naive")
+    parser.add_argument("--llama-cpp", default=None, help="llama.cpp's binaries (bench/llama_cpp.py build)")
     parser.add_argument("--before", default=None, help="another checkout of this repository, served as `before`")
-    parser.add_argument("--rounds", type=int, default=1, help="start and measure every server this many times")
     parser.add_argument("--naive-python", default=sys.executable, help="python for naive_server.py (default: this)")
-    parser.add_argument("--naive-script", default=str(NAIVE_SERVER))
-    parser.add_argument("--req-timeout", type=float, default=2400, help="seconds per request")
-    parser.add_argument("--deadline-s", type=float, default=3600, help="seconds per timed pass")
+    parser.add_argument("--rounds", type=int, default=2, help="measure every level this many times, in turn")
+    parser.add_argument("--no-burst", action="store_true", help="skip the burst of refusals")
+    parser.add_argument("--req-timeout", type=float, default=1200, help="seconds per request")
+    parser.add_argument("--deadline-s", type=float, default=1800, help="seconds per timed pass")
     parser.add_argument("--start-timeout", type=float, default=300, help="seconds for a server to become ready")
-    parser.add_argument("--json", default=None, help="append the per-server summaries as JSON lines here")
+    parser.add_argument("--json", default=None, help="write the results and goals here as JSON")
     args = parser.parse_args()
-    quick = dict(concurrency=16, requests=32, new_tokens=32) if args.quick else {}
-    full = dict(concurrency=64, requests=128, new_tokens=128)
-    for k, v in full.items():
-        if getattr(args, k) is None:
-            setattr(args, k, quick.get(k, v))
+    levels = [int(c) for c in (args.concurrency or ("1,16" if args.quick else "1,16,64,256")).split(",")]
+    args.new_tokens = args.new_tokens or (32 if args.quick else 128)
     servers = [s for s in args.servers.split(",") if s]
-    if not servers or set(servers) - {"ours", "before", "naive"} or len(set(servers)) < len(servers):
-        parser.error("--servers takes a comma-separated list of ours, before and naive")
-    if "naive" in servers and not Path(args.naive_script).is_file():
-        parser.error(f"no naive server script at {args.naive_script}")
+    known = {"ours", "engine", "llama", "before", "naive"}
+    if not servers or set(servers) - known or len(set(servers)) < len(servers):
+        parser.error(f"--servers takes a comma-separated list of {', '.join(sorted(known))}")
+    if "llama" in servers and not args.llama_cpp:
+        print("no --llama-cpp: llama-server left out (bench/llama_cpp.py build makes it)")
+        servers.remove("llama")
     if "before" in servers and not (args.before and (Path(args.before) / "service" / "__main__.py").is_file()):
         parser.error("--servers before needs --before DIR, a checkout of this repository")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the servers
 
     threads = torch.get_num_threads()
     print(machine())
+    print(f"CPU flags: {cpu_flags()}")
     print(
-        f"GPT-2-small shape, random weights; {args.concurrency} concurrent streaming clients, {args.requests} "
-        f"requests per pass x {args.repeats} pass(es) x {args.rounds} round(s), prompt {PROMPT_LEN} token ids, "
-        f"{args.new_tokens} generated (forced), greedy; ours DTYPE={args.dtype}, naive float32; {threads} threads each",
+        f"GPT-2-small shape, random weights; clients {levels}, prompt {PROMPT_LEN} token ids, {args.new_tokens} "
+        f"generated (forced), greedy, streamed; ours DTYPE={args.dtype}; {threads} threads each; {args.rounds} "
+        f"round(s): {', '.join(servers)}",
         flush=True,
     )
-    if "naive" in servers:
-        print(f"naive server python: {args.naive_python} ({baseline_versions(args.naive_python)})", flush=True)
-    if "before" in servers:
-        print(f"before: {Path(args.before).resolve()} at {_commit(Path(args.before))}; ours at {_commit(REPO)}")
-
     gen = torch.Generator().manual_seed(1)
-
-    def prompts(n: int) -> list[list[int]]:
-        return torch.randint(0, VOCAB, (n, PROMPT_LEN), generator=gen).tolist()
-
-    warmup = prompts(1)[0]
-    passes = [prompts(args.requests) for _ in range(args.repeats)]
+    results: dict[tuple[str, int], list[dict]] = {}
+    burst_result = None
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         work = Path(tmp)
         store, hf = random_gpt2_small(work)
-        bytes_per_token = 2 * hf.config.n_layer * hf.config.n_embd * 4  # float32: an upper bound
+        args.kv_bytes_per_token = 2 * hf.config.n_layer * hf.config.n_embd * 4  # float32: the most of any dtype
+        bench = Bench(args, work, store.root, threads)
+        if "llama" in servers:
+            bins = llama_cpp.find_binaries(Path(args.llama_cpp))
+            bench.gguf = llama_cpp.write_gguf(hf, work / "bench-f32.gguf", bins)
+            llama_cpp.server_binary(Path(args.llama_cpp))
         del hf
-        kv_tokens = max(args.concurrency, 64) * (PROMPT_LEN + args.new_tokens) + 2048
-        kv_bytes = int(kv_tokens * bytes_per_token * 1.25)
-        records: dict[str, list[dict]] = {}
-        broken: set[str] = set()  # servers that failed in some round
+        warmup = torch.randint(0, VOCAB, (PROMPT_LEN,), generator=gen).tolist()
         for round_ in range(args.rounds):
-            for name in servers:
-                print(f"\n{name}" + (f", round {round_ + 1}" if args.rounds > 1 else ""), flush=True)
-                got = serve_and_measure(name, args, store.root, work, kv_bytes, threads, passes, warmup)
-                if got is None:
-                    broken.add(name)
-                else:
-                    records.setdefault(name, []).extend(got)
-        results = {name: summary(records[name]) for name in servers if name in records}
+            for clients in levels:
+                n = args.requests or (8 if clients == 1 else 2 * clients if clients <= 64 else clients)
+                prompts = torch.randint(0, VOCAB, (n, PROMPT_LEN), generator=gen).tolist()
+                order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
+                print(f"\nround {round_ + 1}, {clients} client(s), {n} requests: {', '.join(order)}", flush=True)
+                for system in order:
+                    got = bench.run(system, clients, prompts, warmup)
+                    results.setdefault((system, clients), []).append(got)
+        if "ours" in servers and not args.no_burst:
+            print(f"\nburst: {BURST['requests']} requests at once, MAX_NUM_SEQS={BURST['max_num_seqs']}, "
+                  f"MAX_WAITING_REQUESTS={BURST['max_waiting']}", flush=True)  # fmt: skip
+            burst_result = bench.burst()
+            print(f"  {burst_result}", flush=True)
 
-    print(
-        f"\n{args.concurrency} concurrent clients, {args.requests} requests x {args.repeats} pass(es), prompt "
-        f"{PROMPT_LEN}, {args.new_tokens} generated; medians over passes"
-    )
-    header = (
-        "server",
-        "gen tok/s",
-        "req/s",
-        "TTFT p50 s",
-        "TTFT p95 s",
-        "e2e p50 s",
-        "e2e p95 s",
-        "errors",
-        "others' CPU",
-    )
-    print(f"{header[0]:<7}" + "".join(f"{h:>12}" for h in header[1:]))
-    for name, r in results.items():
-        cells = [
-            f"{r['tok_s']:.1f}",
-            f"{r['req_s']:.2f}",
-            f"{r['ttft_p50']:.2f}",
-            f"{r['ttft_p95']:.2f}",
-            f"{r['lat_p50']:.2f}",
-            f"{r['lat_p95']:.2f}",
-            str(r["errors"]),
-            f"{r['cpu_others']:.0%}",
-        ]
-        print(f"{name:<7}" + "".join(f"{c:>12}" for c in cells))
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "server": name,
-                            "dtype": "float32" if name == "naive" else args.dtype,
-                            "concurrency": args.concurrency,
-                            "requests": args.requests,
-                            "new_tokens": args.new_tokens,
-                            "prompt_len": PROMPT_LEN,
-                            **r,
-                        }
-                    )
-                    + "\n"
-                )
-    if "naive" in results:
-        print("naive: no streaming, so its TTFT is the full request latency")
-    for other in ("before", "naive"):
-        if {"ours", other} <= results.keys():
-            o, t = results["ours"], results[other]
-            print(
-                f"ours/{other}: generated tok/s {o['tok_s'] / t['tok_s']:.2f}x, req/s {o['req_s'] / t['req_s']:.2f}x; "
-                f"TTFT p50 {o['ttft_p50']:.2f} s vs {t['ttft_p50']:.2f} s, e2e latency p50 {o['lat_p50']:.2f} s "
-                f"vs {t['lat_p50']:.2f} s"
-            )
-    failed = [s for s in servers if s in broken or s not in results or results[s]["errors"]]
-    if failed:
-        print(f"FAILED or with errors: {', '.join(failed)}")
+    def med(system: str, clients: int, key: str) -> float:
+        recs = [r for r in results.get((system, clients), []) if r is not None]
+        return statistics.median(r[key] for r in recs) if recs else float("nan")
+
+    def errors(system: str, clients: int) -> int:
+        recs = results.get((system, clients), [])
+        return sum(r["errors"] for r in recs if r is not None) + sum(1 for r in recs if r is None)
+
+    print(f"\nmedians over {args.rounds} round(s); prompt {PROMPT_LEN}, {args.new_tokens} generated tokens")
+    header = ("clients", "system", "tok/s", "TTFT p50", "TTFT p95", "ITL p50 ms", "ITL p95 ms", "TPOT ms", "errors")
+    print(f"{header[0]:>7} {header[1]:<8}" + "".join(f"{h:>11}" for h in header[2:]))
+    for clients in levels:
+        for system in servers:
+            cells = [
+                show(med(system, clients, "tok_s"), ".1f"),
+                show(med(system, clients, "ttft_p50"), ".3f"),
+                show(med(system, clients, "ttft_p95"), ".3f"),
+                show(med(system, clients, "itl_p50") * 1e3, ".1f"),
+                show(med(system, clients, "itl_p95") * 1e3, ".1f"),
+                show(med(system, clients, "tpot") * 1e3, ".1f"),
+                str(errors(system, clients)),
+            ]
+            print(f"{clients:>7} {system:<8}" + "".join(f"{c:>11}" for c in cells))
+        for other in ("engine", "llama", "before", "naive"):
+            if other in servers and "ours" in servers:
+                ratio = med("ours", clients, "tok_s") / med(other, clients, "tok_s")
+                print(f"{clients:>7} ours/{other}: tok/s {show(ratio)}x")
+    rows = goals(med, burst_result, errors)
+    print(f"\n{'goal':<48}{'ours':>10}{'theirs':>10}{'ratio':>8}{'goal':>10}  met")
+    for r in rows:
+        print(f"{r['name']:<48}{show(r['ours']):>10}{show(r['theirs']):>10}{show(r['ratio']):>8}{r['goal']:>10}  "
+              f"{'yes' if r['met'] else 'NO'}")  # fmt: skip
+    print(f"goals met: {sum(r['met'] for r in rows)} of {len(rows)} ({machine()})")
+    if args.json:
+        flat = [r for recs in results.values() for r in recs if r is not None]
+        doc = {"machine": machine(), "flags": cpu_flags(), "results": flat, "burst": burst_result, "targets": rows}
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    if any(errors(s, c) for s in servers for c in levels):
+        print("FAILED or with errors: see above")
         sys.exit(1)
 
 

@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/llama_cpp.py build [--dir build/llama-cpp]   # once per machine: ~20 min on 2 cores
 
-`build` compiles llama-bench, llama-batched-bench and llama-quantize (CPU backend, -march=native) from the
-llama.cpp source that PyPI's `llama-cpp-python` source distribution vendors, so nothing but the package
-registry is needed; it prints the directory of the binaries. The benchmark then writes the model it measures
-as GGUF with the vendored `gguf-py` (f32, `write_gguf`), quantizes a copy to q8_0 with llama-quantize, and
-times it with `llama-bench` (batch 1) and `llama-batched-bench` (many parallel sequences). Not a project
-dependency: nothing here is imported by the service.
+`build` compiles llama-bench, llama-batched-bench, llama-quantize and llama-server (CPU backend,
+-march=native) from the llama.cpp source that PyPI's `llama-cpp-python` source distribution vendors, so
+nothing but the package registry is needed; it prints the directory of the binaries. The benchmarks then
+write the model they measure as GGUF with the vendored `gguf-py` (f32, `write_gguf`); bench/engine.py
+quantizes a copy to q8_0 with llama-quantize and times both with `llama-bench` (batch 1) and
+`llama-batched-bench` (many parallel sequences); bench/http_load.py serves the f32 one with `llama-server`
+(`serve_command`). Not a project dependency: nothing here is imported by the service.
 """
 
 import argparse
@@ -20,10 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import synthetic_vocab  # noqa: E402
+
 VERSION = "0.3.36"
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "build" / "llama-cpp"
-TARGETS = ("llama-bench", "llama-batched-bench", "llama-quantize")
+TARGETS = ("llama-bench", "llama-batched-bench", "llama-quantize")  # what bench/engine.py needs
+SERVER = "llama-server"  # what bench/http_load.py needs
 
 
 def source_dir(root: Path) -> Path:
@@ -44,10 +49,10 @@ def build(root: Path) -> Path:
     out = src / "build"
     configure = ["cmake", "-S", str(src), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON"]
     configure += ["-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
-    configure += ["-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF"]
+    configure += ["-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON"]
     subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
     jobs = str(len(os.sched_getaffinity(0)))
-    subprocess.run(["cmake", "--build", str(out), "-j", jobs, "--target", *TARGETS], check=True)
+    subprocess.run(["cmake", "--build", str(out), "-j", jobs, "--target", *TARGETS, SERVER], check=True)
     return out / "bin"
 
 
@@ -57,6 +62,22 @@ def find_binaries(path: Path) -> Path:
         if all((candidate / t).is_file() for t in TARGETS):
             return candidate
     raise FileNotFoundError(f"no llama.cpp binaries ({', '.join(TARGETS)}) under {path}: run bench/llama_cpp.py build")
+
+
+def server_binary(path: Path) -> Path:
+    """llama-server, given the binaries' directory or the root `build` used."""
+    server = find_binaries(path) / SERVER
+    if not server.is_file():
+        raise FileNotFoundError(f"no {SERVER} in {server.parent}: run bench/llama_cpp.py build again")
+    return server
+
+
+def serve_command(path: Path, model: Path, host: str, port: int, parallel: int, ctx_per_slot: int, threads: int):
+    """llama-server on `model` with `parallel` slots of `ctx_per_slot` tokens each, continuous batching."""
+    cmd = [str(server_binary(path)), "-m", str(model), "--host", host, "--port", str(port)]
+    cmd += ["-np", str(parallel), "-c", str(parallel * ctx_per_slot), "--cont-batching", "-t", str(threads)]
+    cmd += ["-tb", str(threads), "-b", "2048", "-ub", "512", "--no-webui"]
+    return cmd
 
 
 def _gguf_module(bin_dir: Path):
@@ -71,8 +92,8 @@ def _gguf_module(bin_dir: Path):
 
 
 def write_gguf(hf_model, out: Path, bin_dir: Path) -> Path:
-    """An HF GPT2LMHeadModel as an f32 GGUF that llama.cpp runs. The tokenizer is a stand-in (token strings
-    `t<id>`, no merges): the benchmarks feed token ids, never text."""
+    """An HF GPT2LMHeadModel as an f32 GGUF that llama.cpp runs, with the benchmarks' synthetic byte-level
+    vocabulary (bench/common.py), so that llama-server decodes the same text as our service."""
     gguf = _gguf_module(bin_dir)
     cfg = hf_model.config
     writer = gguf.GGUFWriter(str(out), "gpt2")
@@ -85,10 +106,11 @@ def write_gguf(hf_model, out: Path, bin_dir: Path) -> Path:
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
-    tokens = [f"t{i}" for i in range(cfg.vocab_size)]
+    tokens, merges = synthetic_vocab(cfg.vocab_size)  # the vocabulary the benchmarks' store has
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * cfg.vocab_size)
-    writer.add_token_merges(["t 0"])  # llama.cpp requires merges; the benchmarks never tokenize text
+    kinds = [gguf.TokenType.NORMAL] * (cfg.vocab_size - 1) + [gguf.TokenType.CONTROL]  # <|endoftext|> last
+    writer.add_token_types(kinds)
+    writer.add_token_merges([f"{a} {b}" for a, b in merges])
     writer.add_bos_token_id(cfg.bos_token_id)
     writer.add_eos_token_id(cfg.eos_token_id)
     for name, tensor in _gguf_tensors(hf_model):
