@@ -4,6 +4,7 @@ Benchmarks compare against baselines measured in the same run; the machine line 
 figures came from, because machines of the same kind differ (AVX2-only EPYC vs AMX Xeon).
 """
 
+import functools
 import platform
 import statistics
 import time
@@ -70,6 +71,7 @@ def random_gpt2_small(tmp: Path) -> tuple[ModelStore, GPT2LMHeadModel]:
 EOS = "<|endoftext|>"
 
 
+@functools.cache  # the store's tokenizer and the GGUF take the same one: built once (~4 s)
 def synthetic_vocab(vocab_size: int = 50257, seed: int = 0) -> tuple[list[str], list[tuple[str, str]]]:
     """A GPT-2-sized byte-level BPE vocabulary without a download: the 256 byte symbols, then tokens that
     each extend an earlier one by a letter (a word, or a word after the space symbol, as GPT-2's tokens

@@ -66,6 +66,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).resolve().parent.
 import llama_cpp  # noqa: E402
 from common import cpu_flags, machine, random_gpt2_small  # noqa: E402
 
+from model_store import ModelStore  # noqa: E402
 from reliability.figures import pct  # noqa: E402
 from reliability.server import free_port  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
@@ -432,8 +433,6 @@ class Bench:
 
     def run_engine(self, clients: int, prompts: list[list[int]], warmup: list[int]) -> dict:
         config = ServiceConfig.from_env(ours_settings(self.args, clients, self.store_root, self.threads))
-        from model_store import ModelStore
-
         loaded = load_model(ModelStore(self.store_root), config.model, dtype=config.dtype)
         engine = Engine(loaded, config.engine_config(loaded.model.cfg.n_positions))
         engine_loop(engine, [warmup], 1, self.args.new_tokens)
@@ -451,12 +450,12 @@ class Bench:
         server = start_ours(self.args, settings, self.work, "ours")
         try:
             server.wait_ready(self.args.start_timeout)
-            return asyncio.run(burst(server.base, self.args))
+            return asyncio.run(burst_refusals(server.base, self.args))
         finally:
             server.stop(quiet=True)
 
 
-async def burst(base: str, args: argparse.Namespace) -> dict:
+async def burst_refusals(base: str, args: argparse.Namespace) -> dict:
     """The burst: every request written at once on its own connection, opened beforehand (as a proxy's pool
     keeps them), by a client of raw asyncio streams, so that what is timed is the server's answer rather
     than TCP setup or an HTTP client's own cost (httpx: ~100 ms p95 for 100 concurrent GET /health here);
