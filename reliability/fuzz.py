@@ -239,6 +239,16 @@ def error_lines(log_path: Path) -> list[str]:
     return bad
 
 
+def _error_text(line: str) -> str:
+    """An error line, short: its message and the end of its traceback (where the exception was raised),
+    which the start of a long JSON line never reaches."""
+    try:
+        record = json.loads(line)
+        return f"{record.get('msg', '').strip()} | ...{record.get('exc', '')[-1500:]}"
+    except (json.JSONDecodeError, AttributeError):
+        return line[-1500:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m reliability.fuzz",
@@ -269,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.summary())
     for line in errors[:20]:
-        print("LOG ERROR", line[:1000])
+        print("LOG ERROR", _error_text(line))
     if args.json:
         args.json.write_text(
             json.dumps(
