@@ -252,6 +252,30 @@ def test_hot_reload_under_load_fails_nothing(http_store):
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+def test_loading_and_warm_up_leave_no_thread_behind(http_store, monkeypatch):
+    """torch keeps OpenMP workers for each thread that has run a parallel region, for as long as it lives;
+    one such thread beside the engine thread makes every step's parallel regions wait for wake-ups
+    (docs/engine.md). A model's load and warm-up, at start and at a reload, run on a thread that ends with
+    them, never on a pooled executor thread that would stay."""
+    from service import serving
+
+    ran_on, real = [], serving._run_alone
+
+    def recording(*args):
+        ran_on.append(threading.current_thread())
+        return real(*args)
+
+    monkeypatch.setattr(serving, "_run_alone", recording)
+    with serve(http_store[0]) as live:
+        assert live.client.post("/admin/reload", json={"model": "tiny@2"}).status_code == 200
+        assert len(ran_on) == 2
+        for thread in ran_on:
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+        engine_thread = live.server.current().engine._thread
+        assert engine_thread not in ran_on and engine_thread.is_alive()
+
+
 @pytest.mark.parametrize(
     "name, value",
     [
