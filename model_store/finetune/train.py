@@ -9,6 +9,7 @@ random is a function of the seed: model init, the data order (`data.SampleOrder`
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import sys
@@ -71,11 +72,14 @@ def finetune(store: ModelStore, config: TrainConfig | None, options: RunOptions)
         dataset = _load_data(config, tok)
         config = config.resolved(n_positions=model.config.n_positions, num_train_blocks=len(dataset.train))
         trainer = Trainer(model, config, dataset, group, options)
-        if options.resume:
-            trainer.restore(load_checkpoint(options.run_dir))
-        elif group.is_main:
-            _start_run_dir(options.run_dir, config)
-        trainer.run()
+        try:
+            if options.resume:
+                trainer.restore(load_checkpoint(options.run_dir))
+            elif group.is_main:
+                _start_run_dir(options.run_dir, config)
+            trainer.run()
+        finally:
+            trainer.release_group()
         group.barrier()
         exported = None
         if options.export and group.is_main:
@@ -245,6 +249,14 @@ class Trainer:
         return total / count
 
     # --- the loop ------------------------------------------------------------------------------------
+
+    def release_group(self) -> None:
+        """Drop the DistributedDataParallel wrapper while the process group is still registered. Freed later,
+        its reducer could hold the group's last reference, and the group's destructor then joins gloo's
+        threads with the GIL held while one of them waits for the GIL to free a tensor: a deadlock (seen in
+        a two-process run on CPU, in ProcessGroupGloo::~ProcessGroupGloo)."""
+        self.net = self.module
+        gc.collect()  # the wrapper, were it in a reference cycle
 
     def run(self) -> RunState:
         c, s = self.config, self.state
