@@ -17,7 +17,10 @@ prefix cache helps), the same lists for every system. Every response is checked 
   budget that holds every client's sequence, NUM_THREADS as this process; `POST /v1/completions` with
   `stream`, `ignore_eos`, `min_tokens` = `max_tokens` and `stream_options.include_usage`;
 - engine: the same model and engine configuration (built from the same settings by ServiceConfig), called
-  directly in this process with the same closed loop: what the service would do without HTTP;
+  directly in this process with the same closed loop: what the service would do without HTTP. At 1 client
+  the two take the requests in turn, one each, on one server start and one engine (the server idles while
+  the engine runs, and the other way round): this machine's slow spells last seconds to minutes and would
+  otherwise fall on one of them;
 - llama: `llama-server` (bench/llama_cpp.py builds it) on the same weights as GGUF f32, `-np` = the clients,
   `--cont-batching`, the same threads; its `POST /v1/completions` with the same body;
 - before (optional, --before DIR): ours from another checkout, for A/B runs of a change;
@@ -479,15 +482,53 @@ class Bench:
             if server is not None:
                 server.stop(quiet=True)
 
-    def run_engine(self, clients: int, prompts: list[list[int]], warmup: list[int]) -> dict:
+    def engine(self, clients: int, warmup: list[int]) -> Engine:
+        """The engine as ours builds it for this level, in this process, warmed up."""
         config = ServiceConfig.from_env(ours_settings(self.args, clients, self.store_root, self.threads))
         loaded = load_model(ModelStore(self.store_root), config.model, dtype=config.dtype)
         engine = Engine(loaded, config.engine_config(loaded.model.cfg.n_positions))
         engine_loop(engine, [warmup], 1, self.args.new_tokens)
+        return engine
+
+    def run_engine(self, clients: int, prompts: list[list[int]], warmup: list[int]) -> dict:
+        engine = self.engine(clients, warmup)
         wall, timings = engine_loop(engine, prompts, clients, self.args.new_tokens)
-        del engine, loaded
+        del engine
         gc.collect()
         return record("engine", clients, wall, timings, [])
+
+    def run_alternating(self, prompts: list[list[int]], warmup: list[int], engine_first: bool) -> dict:
+        """1 client: ours and the engine called directly take the requests in turn, one each (the server idles
+        while the engine runs in this process, and the other way round), so that the machine's slow spells,
+        which last seconds to minutes here, fall on both; each system's figures are over its own requests.
+        {"ours": record or None, "engine": record}."""
+        settings = ours_settings(self.args, 1, self.store_root, self.threads)
+        server = start_ours(self.args, settings, self.work, "ours")
+        try:
+            server.wait_ready(self.args.start_timeout)
+            asyncio.run(closed_loop(request_stream, server.base, [warmup], 1, self.args))
+            engine = self.engine(1, warmup)
+            got: dict[str, list] = {"ours": [0.0, [], []], "engine": [0.0, [], []]}  # wall, timings, errors
+            for prompt in prompts:
+                for system in ("engine", "ours") if engine_first else ("ours", "engine"):
+                    if system == "ours":
+                        wall, timings, errors = asyncio.run(
+                            closed_loop(request_stream, server.base, [prompt], 1, self.args)
+                        )
+                    else:
+                        (wall, timings), errors = engine_loop(engine, [prompt], 1, self.args.new_tokens), []
+                    got[system][0] += wall
+                    got[system][1] += timings
+                    got[system][2] += errors
+            del engine
+            gc.collect()
+            return {system: record(system, 1, *got[system]) for system in ("ours", "engine")}
+        except Exception as exc:
+            print(f"  ours FAILED: {exc}", flush=True)
+            print(server.log_tail(), flush=True)
+            return {"ours": None, "engine": None}
+        finally:
+            server.stop(quiet=True)
 
     def burst(self) -> dict:
         """100 requests at once past the queue limit while the engine generates: each refusal's latency."""
@@ -637,8 +678,18 @@ def main() -> None:
                 n = args.requests or (8 if clients == 1 else 2 * clients if clients <= 64 else clients)
                 prompts = torch.randint(0, VOCAB, (n, PROMPT_LEN), generator=gen).tolist()
                 order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
+                paired = clients == 1 and {"ours", "engine"} <= set(order)
+                if paired:  # one entry for the two, where the first of them stood
+                    first = min(order.index("ours"), order.index("engine"))
+                    order = [s for s in order if s not in ("ours", "engine")]
+                    order.insert(first, "ours+engine")
                 print(f"\nround {round_ + 1}, {clients} client(s), {n} requests: {', '.join(order)}", flush=True)
                 for system in order:
+                    if system == "ours+engine":
+                        got = bench.run_alternating(prompts, warmup, engine_first=round_ % 2 == 1)
+                        for name in ("ours", "engine"):
+                            results.setdefault((name, clients), []).append(got[name])
+                        continue
                     got = bench.run(system, clients, prompts, warmup)
                     results.setdefault((system, clients), []).append(got)
         if "ours" in servers and not args.no_burst:
