@@ -20,10 +20,12 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from . import cpu
 from .engine import Engine
 from .scheduler import check_room
 from .types import EngineDead, EngineOutput, EngineRequest, StepStats
@@ -149,6 +151,12 @@ _STOP = object()
 # never holds the engine up for longer.
 HANDOFF_WAIT_S = 0.02
 
+# How often, at most, the engine thread gives freed heap pages back to the kernel (cpu.release_freed_memory),
+# between steps or before it waits for work. Each call holds the engine thread for a few tens of ms (2-core
+# Zen 5 EPYC, mixed soak on the bundled model: p50 27 ms, max 43 ms; about 0.3 % of the time at this rate);
+# the same soak's RSS grew 9 % in 300 s with it and 24-31 % without.
+TRIM_EVERY_S = 10.0
+
 
 class AsyncEngine:
     def __init__(self, engine: Engine, hooks: EngineHooks = EngineHooks()) -> None:
@@ -259,8 +267,13 @@ class AsyncEngine:
 
     # -- engine thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
+        trimmed = time.monotonic()
         try:
-            while self._apply_commands(block=not self.engine.has_work):
+            while True:
+                if time.monotonic() - trimmed >= TRIM_EVERY_S:  # between steps, or before waiting idle
+                    trimmed = self._trim()
+                if not self._apply_commands(block=not self.engine.has_work):
+                    break
                 if self.engine.has_work:
                     outputs = self.engine.step()
                     self._publish()
@@ -277,6 +290,13 @@ class AsyncEngine:
                 self._hooks.on_death(exc)
         else:
             self._close(EngineDead("the engine stopped"))
+
+    @staticmethod
+    def _trim() -> float:
+        start = time.monotonic()
+        cpu.release_freed_memory()
+        logger.debug("freed heap pages returned in %.1f ms", 1e3 * (time.monotonic() - start))
+        return time.monotonic()
 
     def _close(self, dead: EngineDead) -> None:
         """No command is queued from now on; every request submitted and not done gets `dead`."""

@@ -182,3 +182,34 @@ def test_a_failing_observer_leaves_no_request_waiting(tiny):
 
     got, left_finished = asyncio.run(main())
     assert {f"r{i}": g for i, g in enumerate(got)} == expected and left_finished
+
+
+def test_the_engine_thread_returns_freed_heap_pages(tiny, monkeypatch):
+    """Between steps (and before waiting for work) the engine thread gives freed heap pages back to the
+    kernel, at most every TRIM_EVERY_S; here every time, so a request's steps must have called it, on the
+    engine thread."""
+    import threading
+
+    from service.engine import async_engine, cpu
+
+    loaded, _ = tiny
+    calls = []
+    monkeypatch.setattr(async_engine, "TRIM_EVERY_S", 0.0)
+    monkeypatch.setattr(cpu, "release_freed_memory", lambda: calls.append(threading.current_thread().name) or True)
+
+    async def main():
+        engine = AsyncEngine(make_engine(loaded))
+        engine.start()
+        try:
+            await collect(engine, "r", [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
+        finally:
+            engine.stop()
+
+    asyncio.run(main())
+    assert len(calls) >= 5 and set(calls) == {"engine"}
+
+
+def test_release_freed_memory_runs_where_glibc_is():
+    from service.engine import cpu
+
+    assert cpu.release_freed_memory() == hasattr(cpu._libc(), "malloc_trim")
