@@ -33,7 +33,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
         check_model(req.model, model)
         ids = chat_prompt(req.messages, model)
         max_tokens = max_new_tokens(req.max_completion_tokens or req.max_tokens, len(ids), model.max_model_len, False)
-        top = req.top_logprobs if req.logprobs else None
+        top = (req.top_logprobs or 0) if req.logprobs else None  # `logprobs: true` alone: each token's own
         params = sampling_params(
             req, server.config, model.vocab_size, max_tokens=max_tokens, logprobs=top, prompt_logprobs=None
         )
@@ -131,11 +131,14 @@ async def _chat_chunks(req: ChatCompletionRequest, reply: Reply) -> AsyncIterato
     choices = reply.choices()
     for i in range(req.n):
         yield chunk([delta(i, {"role": "assistant", "content": ""}, None)])
+    pending: dict[int, list] = {}  # logprob entries of tokens whose text is held back (part of a character)
     async for out in reply.handle:
         choices[out.index].add(out)
-        logprobs = _chat_logprobs(output_entries(out), reply.model) if req.logprobs else None
+        if req.logprobs:
+            pending.setdefault(out.index, []).extend(output_entries(out))
         if out.text or out.finished:
             content = {"content": out.text} if out.text else {}
+            logprobs = _chat_logprobs(pending.pop(out.index, []), reply.model) if req.logprobs else None
             yield chunk([delta(out.index, content, finish_reason(out), logprobs)])
     reply.count_usage(choices)
     if req.stream_options and req.stream_options.include_usage:

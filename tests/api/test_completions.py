@@ -3,6 +3,7 @@ echo + logprobs shape lm-evaluation-harness relies on, n and several prompts, an
 400 in the OpenAI error shape."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -208,6 +209,23 @@ def test_chat_uses_dialogpt_convention_and_streams_the_same(live, http_store):
     assert events[-1]["choices"][0]["finish_reason"] == chat["choices"][0]["finish_reason"]
     r = live.client.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
+
+
+def test_chat_logprobs_true_alone_gives_each_tokens_logprob(live):
+    """OpenAI's `logprobs: true` without `top_logprobs` returns each token's logprob and empty top lists
+    (top_logprobs defaults to 0); it once sent NaN, a 500 from the JSON encoder and invalid JSON in a stream."""
+    messages = [{"role": "user", "content": "Hello there."}]
+    body = {"messages": messages, "max_tokens": 5, "ignore_eos": True, "logprobs": True, "seed": 3}
+    r = live.client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 5
+    assert all(math.isfinite(e["logprob"]) and e["logprob"] <= 0 and e["top_logprobs"] == [] for e in content)
+    with_top = live.client.post("/v1/chat/completions", json={**body, "top_logprobs": 0}).json()
+    assert with_top["choices"][0]["logprobs"]["content"] == content  # the same seed: the same tokens and values
+    events = sse_events(live.client.post("/v1/chat/completions", json={**body, "stream": True}).text)
+    streamed = [e for ev in events for c in ev["choices"] if c.get("logprobs") for e in c["logprobs"]["content"]]
+    assert streamed == content
 
 
 def test_chat_uses_the_models_chat_template(http_store):
