@@ -33,8 +33,7 @@ def release_freed_memory() -> bool:
     that no threshold returns: in a 300 s soak of mixed traffic on the bundled model, the heap's memory in
     use stayed at ~0.72 GB while what it held grew from 1.09 to 1.65 GB (trim threshold 64 MiB; the same
     with 1 GiB). The engine thread calls this between steps now and then (async_engine.TRIM_EVERY_S)."""
-    libc = _libc()
-    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is None:
         return False
     trim(0)

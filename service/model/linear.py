@@ -277,8 +277,8 @@ def choose(
         candidates = [k for k in KERNELS if k != "onednn" or onednn_available(weight)]
         gemv = compiled and weight.dtype == torch.float32 and kernels.gemv() is not None
         small_kernels = [k for k in candidates if k != "weight_left" and (k != "gemv" or gemv)]
-        prefer = ("gemv", GEMV_MARGIN) if gemv else ("aten", 0.95)
-        small = _fastest(linears, small_kernels, 1, prefer=prefer[0], margin=prefer[1])
+        prefer, margin = ("gemv", GEMV_MARGIN) if gemv else ("aten", 0.95)
+        small = _fastest(linears, small_kernels, 1, prefer=prefer, margin=margin)
         large = _fastest(linears, [k for k in candidates if k != "gemv"], max(rows, SMALL_ROWS))
         choice = KernelChoice(small, large)
     _CHOICES[key] = choice
