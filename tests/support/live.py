@@ -44,7 +44,12 @@ def serve(store_root, uvicorn_options=None, **overrides):
     app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host="127.0.0.1", port=config.port, log_config=None, access_log=False, **(uvicorn_options or {})
+            app,
+            host="127.0.0.1",
+            port=config.port,
+            log_config=None,
+            access_log=False,
+            **{"http": "h11", **(uvicorn_options or {})},  # as `python -m service`, whether httptools is there or not
         )
     )
     thread = threading.Thread(target=server.run, daemon=True)
