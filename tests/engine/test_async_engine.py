@@ -118,9 +118,9 @@ def test_each_step_reaches_the_event_loop_in_one_handoff(tiny):
         engine = AsyncEngine(sync)
         handoffs, deliver = [], engine._deliver
 
-        def counted_deliver(outputs):
+        def counted_deliver(outputs, *rest):
             handoffs.append(len(outputs))
-            deliver(outputs)
+            deliver(outputs, *rest)
 
         engine._deliver = counted_deliver
         engine.start()
