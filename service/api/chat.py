@@ -116,13 +116,9 @@ def _chat_logprobs(entries: list[LogprobEntry], model: ServedModel) -> dict:
 
 
 async def _chat_chunks(req: ChatCompletionRequest, reply: Reply) -> AsyncIterator[bytes]:
+    head = {"id": reply.id, "object": "chat.completion.chunk", "created": reply.created, "model": reply.model.model_id}
+
     def chunk(choices: list[dict], **extra) -> bytes:
-        head = {
-            "id": reply.id,
-            "object": "chat.completion.chunk",
-            "created": reply.created,
-            "model": reply.model.model_id,
-        }
         return sse({**head, "choices": choices, **extra})
 
     def delta(index: int, content: dict, reason: str | None, logprobs: dict | None = None) -> dict:

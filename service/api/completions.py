@@ -194,8 +194,9 @@ def _completion_choice(index: int, c: Choice, req: CompletionRequest, model: Ser
 async def _completion_chunks(req: CompletionRequest, reply: Reply) -> AsyncIterator[bytes]:
     strings = reply.model.token_strings
 
+    head = {"id": reply.id, "object": "text_completion", "created": reply.created, "model": reply.model.model_id}
+
     def chunk(choices: list[dict], **extra) -> bytes:
-        head = {"id": reply.id, "object": "text_completion", "created": reply.created, "model": reply.model.model_id}
         return sse({**head, "choices": choices, **extra})
 
     choices = reply.choices()
