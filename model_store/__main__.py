@@ -1,5 +1,5 @@
-"""`python -m model_store`: the store's command line (import-hf, list, show, verify, promote, eval,
-finetune).
+"""`python -m model_store`: the store's command line (import-hf, import-adapter, list, show, verify, promote,
+eval, finetune).
 
 Errors print as one `error: ...` line on stderr with exit status 1 (2 for usage errors), never a
 traceback unless --debug. This is the only place the store reads the environment (MODEL_STORE_ROOT).
@@ -7,6 +7,7 @@ traceback unless --debug. This is the only place the store reads the environment
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -50,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--alias", help="also point this alias at the new version")
     cmd.add_argument("--dtype", choices=STORED_DTYPES, help="stored dtype (default: as in the source)")
     cmd.set_defaults(handler=_import_hf)
+
+    cmd = commands.add_parser("import-adapter", help="import a peft LoRA adapter directory as an adapter version")
+    cmd.add_argument("source", type=Path, help="directory with adapter_config.json and adapter_model.safetensors")
+    cmd.add_argument("--name", required=True, help="adapter name in the store")
+    cmd.add_argument("--base", required=True, metavar="NAME[@REF]", help="the store version it adapts")
+    cmd.add_argument("--alias", help="also point this alias at the new version")
+    cmd.set_defaults(handler=_import_adapter)
 
     cmd = commands.add_parser("list", help="list every version with its aliases")
     cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -96,6 +104,16 @@ def _import_hf(store: ModelStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_adapter(store: ModelStore, args: argparse.Namespace) -> int:
+    validate_name(args.name)
+    if args.alias is not None:
+        validate_alias(args.alias)
+    from .adapters import import_peft  # pulls in torch
+
+    print(import_peft(store, args.source, args.name, args.base, alias=args.alias).ref)
+    return 0
+
+
 def _list(store: ModelStore, args: argparse.Namespace) -> int:
     rows = []
     for name in store.names():
@@ -111,10 +129,13 @@ def _list(store: ModelStore, args: argparse.Namespace) -> int:
                     "ref": manifest.ref,
                     "aliases": labels,
                     "dtype": manifest.dtype,
-                    "parameters": manifest.config.num_parameters,
+                    "parameters": _parameters(manifest),
                     "bytes": sum(f.size for f in manifest.files),
                     "created_at": manifest.created_at,
                     "source": manifest.lineage.hub_id or manifest.lineage.parent or manifest.lineage.source_path,
+                    "adapter": {"base": manifest.adapter.base, "rank": manifest.adapter.rank}
+                    if manifest.adapter
+                    else None,
                 }
             )
     if args.json:
@@ -124,6 +145,16 @@ def _list(store: ModelStore, args: argparse.Namespace) -> int:
     else:
         _print_table(rows)
     return 0
+
+
+def _adapter(manifest) -> dict | None:
+    return {"base": manifest.adapter.base, "rank": manifest.adapter.rank} if manifest.adapter else None
+
+
+def _parameters(manifest) -> int:
+    if manifest.adapter is None:
+        return manifest.config.num_parameters
+    return sum(math.prod(shape) for shape in manifest.adapter.tensor_shapes(manifest.config).values())
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -136,7 +167,7 @@ def _print_table(rows: list[dict]) -> None:
             f"{r['parameters'] / 1e6:.1f}M",
             f"{r['bytes'] / 1e6:.1f}MB",
             r["created_at"],
-            r["source"] or "-",
+            f"LoRA r={r['adapter']['rank']} of {r['adapter']['base']}" if r["adapter"] else r["source"] or "-",
         )
         for r in rows
     ]

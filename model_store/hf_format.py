@@ -144,6 +144,7 @@ def load_hf_model(
     from transformers import GPT2Config, GPT2LMHeadModel
 
     manifest = stored.manifest
+    manifest.require_model()
     hf_config = hf_config_from_arch(manifest.config, manifest.tokenizer.eos_token_id, manifest.tokenizer.bos_token_id)
     hf_config.pop("model_type")
     with torch.device("meta"):  # no random init of weights about to be replaced

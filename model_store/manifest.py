@@ -17,6 +17,7 @@ from .errors import StoreError
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 ARCHITECTURE = "gpt2"
 STORED_DTYPES = ("float32", "float16", "bfloat16")
@@ -119,6 +120,47 @@ class Lineage:
     data_sha256: dict[str, str] = field(default_factory=dict)
 
 
+# The projections a LoRA adapter may change, by their canonical names (`ArchConfig.tensor_shapes` without
+# `.weight`): GPT-2's four per block.
+ADAPTER_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A LoRA adapter version: low-rank updates to some projections of exactly one base version, nothing
+    else. Its file holds `h.{i}.{target}.lora_a` (rank, in) and `h.{i}.{target}.lora_b` (out, rank) for
+    every block and target; the projection computes W x + (alpha / rank) B A x."""
+
+    base: str  # the base version, name@version (never an alias)
+    base_sha256: str  # the base's weights file, as its manifest lists it
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    file: str = ADAPTER_FILE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise StoreError(f"adapter rank must be a positive integer, got {self.rank!r}")
+        unknown = [t for t in self.targets if t not in ADAPTER_TARGETS]
+        if not self.targets or unknown:
+            raise StoreError(f"adapter targets must be among {', '.join(ADAPTER_TARGETS)}, got {list(self.targets)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def tensor_shapes(self, config: ArchConfig) -> dict[str, tuple[int, ...]]:
+        """The adapter file's tensors for a base of `config`."""
+        shapes = config.tensor_shapes()
+        out = {}
+        for i in range(config.n_layer):
+            for target in self.targets:
+                rows, cols = shapes[f"h.{i}.{target}.weight"]
+                out[f"h.{i}.{target}.lora_a"] = (self.rank, cols)
+                out[f"h.{i}.{target}.lora_b"] = (rows, self.rank)
+        return out
+
+
 @dataclass(frozen=True)
 class Manifest:
     name: str
@@ -135,6 +177,7 @@ class Manifest:
     # logged in `history` as {"revision", "recorded_at", "metrics": {key: value}}. Files never change.
     revision: int = 1
     history: tuple[dict[str, Any], ...] = ()
+    adapter: AdapterInfo | None = None  # set for a LoRA adapter version; `config` is then its base's
     schema_version: int = SCHEMA_VERSION
     architecture: str = ARCHITECTURE
 
@@ -142,9 +185,16 @@ class Manifest:
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    def require_model(self) -> None:
+        """Refuse an adapter version where a whole model is needed."""
+        if self.adapter is not None:
+            raise StoreError(f"{self.ref} is a LoRA adapter of {self.adapter.base}, not a model")
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["files"] = [asdict(f) for f in self.files]
+        if self.adapter is None:  # a model's manifest reads as it always has
+            del data["adapter"]
         return data
 
     def to_json(self) -> str:
@@ -172,6 +222,7 @@ class Manifest:
                 metrics=dict(data.get("metrics") or {}),
                 package_version=data.get("package_version", ""),
                 history=tuple(dict(entry) for entry in data.get("history") or ()),
+                adapter=_adapter_info(data.get("adapter")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
@@ -182,6 +233,12 @@ class Manifest:
             return cls.from_dict(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise StoreError(f"cannot read manifest {path}: {exc}") from None
+
+
+def _adapter_info(data: dict[str, Any] | None) -> AdapterInfo | None:
+    if data is None:
+        return None
+    return AdapterInfo(**{**data, "targets": tuple(data["targets"]), "alpha": float(data["alpha"])})
 
 
 def sha256_file(path: Path) -> str:

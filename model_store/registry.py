@@ -25,7 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import IntegrityError, NotFoundError, StoreError
-from .manifest import MANIFEST_FILE, ArchConfig, Lineage, Manifest, TokenizerInfo, describe_file, sha256_file
+from .manifest import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    AdapterInfo,
+    ArchConfig,
+    Lineage,
+    Manifest,
+    TokenizerInfo,
+    describe_file,
+    sha256_file,
+)
 from .refs import LATEST, ModelRef, parse_ref, validate_alias, validate_name
 
 ALIASES_FILE = "aliases.json"
@@ -96,10 +106,28 @@ class ModelStore:
         return StoredVersion(path, manifest)
 
     def verify(self, ref: str | ModelRef) -> StoredVersion:
-        """Resolve and check every file's size and sha256; raises IntegrityError naming the first bad file."""
+        """Resolve and check every file's size and sha256; raises IntegrityError naming the first bad file.
+        An adapter's base must be in the store with the weights the adapter was made for (the base's own
+        files are checked when it is verified itself)."""
         stored = self.resolve(ref)
         verify_files(stored.path, stored.manifest)
+        if stored.manifest.adapter is not None:
+            self.adapter_base(stored.manifest)
         return stored
+
+    def adapter_base(self, manifest: Manifest) -> StoredVersion:
+        """The base version an adapter was made for (resolved, not verified); IntegrityError if it is gone
+        or its weights are not the ones the adapter names."""
+        info = manifest.adapter
+        assert info is not None
+        try:
+            base = self.resolve(info.base)
+        except NotFoundError as exc:
+            raise IntegrityError(f"{manifest.ref}: its base {info.base} is not in the store ({exc})") from None
+        weights = {f.path: f.sha256 for f in base.manifest.files}.get(WEIGHTS_FILE)
+        if weights != info.base_sha256:
+            raise IntegrityError(f"{manifest.ref}: its base {info.base} has other weights than it was made for")
+        return base
 
     def _select(self, ref: ModelRef, versions: list[int]) -> int:
         listed = ", ".join(map(str, versions))
@@ -222,6 +250,7 @@ class Staging:
         tokenizer: TokenizerInfo,
         lineage: Lineage,
         metrics: dict[str, Any] | None = None,
+        adapter: AdapterInfo | None = None,
     ) -> StoredVersion:
         from . import __version__
 
@@ -232,6 +261,7 @@ class Staging:
             lineage=lineage,
             metrics=dict(metrics or {}),
             package_version=__version__,
+            adapter=adapter,
         )
         return self.store._commit(self, draft)
 

@@ -53,10 +53,13 @@ def model_card(
     prompt: str,
     sample: str,
     curve_file: str,
+    adapter: bool = False,
 ) -> str:
     origin = f"fine-tuned from `{config.base}`" if config.base else "trained from scratch"
     method = (
-        f"LoRA (r={config.lora_r}, alpha={config.lora_alpha}), merged into the weights"
+        f"LoRA (r={config.lora_r}, alpha={config.lora_alpha}), stored as an adapter of `{config.base}` (not merged)"
+        if adapter
+        else f"LoRA (r={config.lora_r}, alpha={config.lora_alpha}), merged into the weights"
         if config.lora
         else "full fine-tuning"
         if config.base

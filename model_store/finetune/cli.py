@@ -71,6 +71,11 @@ def add_parser(commands) -> None:
     cmd.add_argument("--sample-prompt", help="prompt of the card's greedy sample (default: held-out text)")
     cmd.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
     cmd.add_argument("--no-export", dest="export", action="store_false", help="train only; publish nothing")
+    cmd.add_argument(
+        "--export-adapter",
+        action="store_true",
+        help="with --lora-r: publish the adapter alone, as a version that names its base (default name: BASE-lora)",
+    )
     cmd.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     cmd.set_defaults(handler=run)
 
@@ -98,12 +103,15 @@ def run(store: ModelStore, args: argparse.Namespace) -> int:
         data_license=args.data_license,
         sample_prompt=args.sample_prompt,
         export=args.export,
+        export_adapter=args.export_adapter,
         progress=args.progress,
         device=args.device,
         overrides=given,
     )
     if "steps" in given and "epochs" in given:
         raise StoreError("give --steps or --epochs, not both")
+    if args.export_adapter and not args.resume and not given.get("lora_r"):
+        raise StoreError("--export-adapter needs a LoRA run (--lora-r)")
     config = None if args.resume else TrainConfig.from_dict(given)
     from .train import finetune  # pulls in torch
 

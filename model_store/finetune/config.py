@@ -113,6 +113,7 @@ class RunOptions:
     data_license: str = "unknown"
     sample_prompt: str | None = None
     export: bool = True
+    export_adapter: bool = False  # publish a LoRA run as an adapter version of its base, not merged
     progress: bool = True
     device: str = "cpu"
     overrides: dict[str, Any] = field(default_factory=dict)  # options given on the command line

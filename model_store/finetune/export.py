@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..adapters import canonical_from_peft, publish_adapter
 from ..errors import StoreError
 from ..hf_format import arch_config_from_hf, canonical_from_hf
 from ..manifest import STORED_DTYPES, TOKENIZER_FILE, WEIGHTS_FILE, Lineage
@@ -41,9 +42,13 @@ def restore_model(store: ModelStore, run_dir: Path, *, best: bool = True) -> tor
 
 def export_run(store: ModelStore, run_dir: Path, options: RunOptions) -> StoredVersion:
     config = read_config(run_dir / CONFIG_FILE)
+    if options.export_adapter and not config.lora:
+        raise StoreError("--export-adapter needs a LoRA run (--lora-r)")
     checkpoint = load_checkpoint(run_dir)
     tok = load_tokenizer(store, config)
-    model = plain_model(restore_model(store, run_dir))
+    adapted = restore_model(store, run_dir)
+    lora = {n: p.detach().to("cpu", copy=True) for n, p in adapted.named_parameters() if ".lora_" in n}
+    model = plain_model(adapted)
     arch = arch_config_from_hf(model.config.to_dict())
     dtype = options.dtype or tok.stored_dtype
     if dtype not in STORED_DTYPES:
@@ -56,13 +61,43 @@ def export_run(store: ModelStore, run_dir: Path, options: RunOptions) -> StoredV
     metrics = final_metrics(checkpoint["state"], log)
     prompt = options.sample_prompt or _default_prompt(config)
     sample = tok.tokenizer.decode(greedy_sample(model, tok.tokenizer.encode(prompt).ids, tok.info.eos_token_id))
-    name = options.name or parse_ref(config.base).name
+    name = options.name or parse_ref(config.base).name + ("-lora" if options.export_adapter else "")
     lineage = Lineage(
         source="training",
         parent=config.base,
         training_config=config.to_dict(),
         data_sha256=dict(checkpoint["data_sha256"]),
     )
+    card_args = dict(
+        name=name,
+        config=config,
+        arch=arch,
+        metrics=metrics,
+        data_license=options.data_license,
+        prompt=prompt,
+        sample=sample,
+        curve_file=CURVE_FILE,
+    )
+    metrics = {**metrics, **options.extra_metrics, "data_license": options.data_license}
+    if options.export_adapter:
+
+        def extra(path: Path) -> None:
+            (path / LOG_COPY).write_text("".join(json.dumps(r) + "\n" for r in log))
+            plot_curve(log, path / CURVE_FILE)
+            (path / CARD_FILE).write_text(model_card(**card_args, adapter=True) + options.card_appendix)
+
+        return publish_adapter(
+            store,
+            name,
+            store.verify(config.base),
+            canonical_from_peft(lora, arch),
+            alpha=config.lora_alpha,
+            lineage=lineage,
+            dtype=dtype,
+            metrics=metrics,
+            extra=extra,
+            alias=options.alias,
+        )
     with store.publish(name) as staging:
         save_file(tensors, str(staging.path / WEIGHTS_FILE), metadata={"format": "pt"})
         if tok.json_path is not None:
@@ -71,24 +106,8 @@ def export_run(store: ModelStore, run_dir: Path, options: RunOptions) -> StoredV
             tok.tokenizer.save(str(staging.path / TOKENIZER_FILE))
         (staging.path / LOG_COPY).write_text("".join(json.dumps(r) + "\n" for r in log))
         plot_curve(log, staging.path / CURVE_FILE)
-        card = model_card(
-            name=name,
-            config=config,
-            arch=arch,
-            metrics=metrics,
-            data_license=options.data_license,
-            prompt=prompt,
-            sample=sample,
-            curve_file=CURVE_FILE,
-        )
-        (staging.path / CARD_FILE).write_text(card + options.card_appendix)
-        stored = staging.commit(
-            config=arch,
-            dtype=dtype,
-            tokenizer=tok.info,
-            lineage=lineage,
-            metrics={**metrics, **options.extra_metrics, "data_license": options.data_license},
-        )
+        (staging.path / CARD_FILE).write_text(model_card(**card_args) + options.card_appendix)
+        stored = staging.commit(config=arch, dtype=dtype, tokenizer=tok.info, lineage=lineage, metrics=metrics)
     if options.alias is not None:
         store.promote(stored.ref, options.alias)
     return stored

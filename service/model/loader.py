@@ -62,6 +62,7 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, quantization)
     stored = store.verify(ref)
+    stored.manifest.require_model()
     with torch.device("meta"):
         model = GPT2(stored.manifest.config)
     weights = load_file(str(stored.path / WEIGHTS_FILE), device=str(dev))

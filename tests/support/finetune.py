@@ -44,13 +44,16 @@ def train_run(
     *,
     resume: bool = False,
     export: bool = False,
+    export_adapter: bool = False,
     name: str | None = None,
     **overrides,
 ):
     """Run finetune in-process from tiny@1 (or resume it); returns the RunResult."""
     settings = {"base": "tiny@1", "data": (str(data),), **BASE_RUN, **overrides}
     config = None if resume else TrainConfig(**settings)
-    options = RunOptions(run_dir=run_dir, resume=resume, export=export, progress=False, name=name)
+    options = RunOptions(
+        run_dir=run_dir, resume=resume, export=export, export_adapter=export_adapter, progress=False, name=name
+    )
     return finetune(store, config, options)
 
 
