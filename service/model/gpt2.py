@@ -15,6 +15,7 @@ from model_store.manifest import ArchConfig
 from . import kernels, linear, memory
 from .attention import BatchLayout, CacheIndex, KVCache, attend, cache_index, decode_tables
 from .linear import ACTIVATIONS, Head, Linear
+from .lora import AdapterRows
 
 __all__ = ["ACTIVATIONS", "GPT2"]
 
@@ -24,6 +25,7 @@ class Attention(nn.Module):
         super().__init__()
         self.qkv = Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = Linear(cfg.n_embd, cfg.n_embd)
+        self.qkv.target, self.proj.target = f"h.{layer}.attn.qkv", f"h.{layer}.attn.proj"
         self.layer, self.n_head, self.head_dim = layer, cfg.n_head, cfg.head_dim
         self.scale = (1 / math.sqrt(cfg.head_dim)) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
@@ -36,23 +38,27 @@ class Attention(nn.Module):
         cache: KVCache | None,
         index: CacheIndex | None,
         residual: torch.Tensor,
+        adapters: AdapterRows | None = None,
     ) -> torch.Tensor:
         """residual + attention(x); x, residual: (T, n_embd)."""
-        q, k, v = self.qkv(x).reshape(x.shape[0], 3, self.n_head, self.head_dim).unbind(1)  # (T, H, D) each
+        qkv = self.qkv(x, adapters=adapters)
+        q, k, v = qkv.reshape(x.shape[0], 3, self.n_head, self.head_dim).unbind(1)  # (T, H, D) each
         out = attend(q, k, v, layer=self.layer, layout=layout, cache=cache, index=index, scale=self.scale)
-        return self.proj(out, residual=residual)
+        return self.proj(out, residual=residual, adapters=adapters)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, layer: int) -> None:
         super().__init__()
         self.fc = Linear(cfg.n_embd, cfg.n_inner)
         self.proj = Linear(cfg.n_inner, cfg.n_embd)
+        self.fc.target, self.proj.target = f"h.{layer}.mlp.fc", f"h.{layer}.mlp.proj"
         self.activation = cfg.activation_function
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, adapters: AdapterRows | None = None) -> torch.Tensor:
         """residual + MLP(x); x, residual: (T, n_embd)."""
-        return self.proj(self.fc(x, activation=self.activation), residual=residual)
+        hidden = self.fc(x, activation=self.activation, adapters=adapters)
+        return self.proj(hidden, residual=residual, adapters=adapters)
 
 
 class Block(nn.Module):
@@ -61,13 +67,18 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.attn = Attention(cfg, layer)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer)
 
     def forward(
-        self, x: torch.Tensor, layout: BatchLayout, cache: KVCache | None, index: CacheIndex | None
+        self,
+        x: torch.Tensor,
+        layout: BatchLayout,
+        cache: KVCache | None,
+        index: CacheIndex | None,
+        adapters: AdapterRows | None = None,
     ) -> torch.Tensor:
-        x = self.attn(self.ln_1(x), layout, cache, index, residual=x)
-        return self.mlp(self.ln_2(x), residual=x)
+        x = self.attn(self.ln_1(x), layout, cache, index, residual=x, adapters=adapters)
+        return self.mlp(self.ln_2(x), residual=x, adapters=adapters)
 
 
 class GPT2(nn.Module):
@@ -85,16 +96,22 @@ class GPT2(nn.Module):
         self._screen: torch.Tensor | None = None  # the head's weight in bfloat16, for greedy_tokens
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout, cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        layout: BatchLayout,
+        cache: KVCache | None = None,
+        adapters: AdapterRows | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: (T,) for the flat batch. Returns final hidden states (T, n_embd)."""
-        if self._decoder is not None and _small_decode(layout, cache):
+        """input_ids, positions: (T,) for the flat batch; `adapters`: the rows with a LoRA adapter (see
+        `lora`). Returns final hidden states (T, n_embd)."""
+        if self._decoder is not None and adapters is None and _small_decode(layout, cache):
             tables = decode_tables(layout, cache.block_size)
             return self._decoder.forward(input_ids, positions, cache.k, cache.v, *tables, cache.block_size)
         x = self.wte(input_ids) + self.wpe(positions)  # (T, n_embd)
         index = cache_index(layout, cache.block_size, x.device) if cache is not None else None
         for block in self.h:
-            x = block(x, layout, cache, index)
+            x = block(x, layout, cache, index, adapters)
         return self.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, memory
+from .lora import AdapterRows
 
 SMALL_ROWS = 16  # fewer rows than this: the small regime (memory-bound: every kernel streams the weight)
 GEMV_ROWS = 3  # fewer rows than this: our compiled products (`gemv`, and int8's), faster than the libraries
@@ -131,15 +132,27 @@ class Linear(nn.Linear):
 
     choice = KernelChoice()
     _packed: torch.Tensor | None = None
+    target = ""  # the projection's canonical name (`h.{i}.attn.qkv`), which LoRA adapters name
 
     def use(self, choice: KernelChoice) -> None:
         self.choice, self._packed = choice, _pack(self.weight, choice)
 
     def forward(
-        self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        activation: str | None = None,
+        residual: torch.Tensor | None = None,
+        adapters: AdapterRows | None = None,
     ) -> torch.Tensor:
-        """x: (T, in). activation: a name of `ACTIVATIONS`; residual: (T, out), added last."""
-        return _product(self.choice, x, self.weight, self.bias, self._packed, activation, residual)
+        """x: (T, in). activation: a name of `ACTIVATIONS`; residual: (T, out), added last; `adapters`: the
+        rows that add a LoRA update to the product (before the activation)."""
+        if adapters is None or not adapters.adapts(self.target):
+            return _product(self.choice, x, self.weight, self.bias, self._packed, activation, residual)
+        y = _product(self.choice, x, self.weight, self.bias, self._packed)
+        adapters.add_to(y, x, self.target)
+        if activation is not None:
+            y = ACTIVATIONS[activation](y)
+        return y if residual is None else y + residual
 
 
 def _pack(weight: torch.Tensor, choice: KernelChoice) -> torch.Tensor | Int8Weight | None:

@@ -17,7 +17,8 @@ from model_store.finetune.config import RunOptions
 from model_store.finetune.export import export_run, restore_model
 from model_store.hf_format import load_hf_model
 from model_store.manifest import ADAPTER_FILE, WEIGHTS_FILE
-from service.model import load_model
+from service.model import BatchLayout, load_model
+from service.model.lora import Adapter, AdapterRows
 from tests.support.finetune import train_run
 
 
@@ -138,3 +139,46 @@ def test_the_command_line_lists_and_shows_an_adapter(lora_run, capsys):
         == 1
     )
     assert "--export-adapter needs a LoRA run" in capsys.readouterr().err
+
+
+def _logits(model, sequences, adapters=None):
+    """One cache-free forward over `sequences` (lists of ids) together; logits per sequence."""
+    layout = BatchLayout.prefill([len(s) for s in sequences])
+    ids = torch.tensor([t for s in sequences for t in s])
+    rows = AdapterRows.of([a for a, s in zip(adapters or [None] * len(sequences), sequences) for _ in s])
+    logits = model.compute_logits(model(ids, layout.positions(), layout, adapters=rows))
+    return list(logits.split([len(s) for s in sequences]))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch-kernels", "chosen-kernels"])
+def test_the_runtime_with_an_adapter_computes_the_merged_model(lora_run, compiled):
+    """Rows of the base, of the adapter and of a second adapter in one forward pass: each equals the merged
+    model (or the base) computing it alone; float32 logits within 1e-4."""
+    store, _, adapter = lora_run
+    base, merged_model = load_model(store, "tiny@1").model, load_model(store, "tiny-merged@1").model
+    if compiled:
+        for model in (base, merged_model):
+            model.prepare_kernels(rows=16)
+    info = adapter.manifest.adapter
+    tensors = read_adapter(store.verify(adapter.ref))
+    first = Adapter.from_tensors(adapter.ref, info, tensors, torch.float32, torch.device("cpu"))
+    doubled = {k: (2 * v if k.endswith("lora_b") else v) for k, v in tensors.items()}
+    second = Adapter.from_tensors("doubled", info, doubled, torch.float32, torch.device("cpu"))
+    vocab = base.cfg.vocab_size
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (21, 5, 13, 3)]
+
+    alone_base = _logits(base, [seqs[0]])[0]
+    alone_adapter = _logits(merged_model, [seqs[1]])[0]
+    assert (_logits(base, [seqs[1]], [first])[0] - alone_adapter).abs().max() <= 1e-4
+    together = _logits(base, seqs, [None, first, second, first])
+    assert (together[0] - alone_base).abs().max() <= 1e-4
+    assert (together[1] - alone_adapter).abs().max() <= 1e-4
+    assert (together[3] - _logits(merged_model, [seqs[3]])[0]).abs().max() <= 1e-4
+    # the second adapter is B doubled: its merged weights are the base's plus twice the update
+    base_weights = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    second_merged = merged(base_weights, doubled, info)
+    twice = load_model(store, "tiny@1").model
+    twice.load_state_dict(second_merged, strict=True)
+    assert (together[2] - _logits(twice, [seqs[2]])[0]).abs().max() <= 1e-4
+    assert (alone_adapter - _logits(base, [seqs[1]])[0]).abs().max() > 1e-3  # the adapter changes the logits
