@@ -13,6 +13,7 @@ import torch
 
 from service.model import KVCache, kernels
 from service.model.loader import LoadedModel
+from service.model.lora import Adapter
 
 from . import cpu
 from .detokenizer import IncrementalDetokenizer, StopChecker, TokenBytes
@@ -74,6 +75,24 @@ class Engine:
         self.eos_token_id = loaded.manifest.tokenizer.eos_token_id
         self.requests: dict[str, dict[int, _OutputState]] = {}  # request id -> sample index -> its state
         self.last_step: StepStats | None = None
+        self.adapters: dict[str, Adapter] = {}  # LoRA adapters requests may name, by ref
+
+    # -- LoRA adapters ----------------------------------------------------------------------------------------
+    def add_adapter(self, adapter: Adapter) -> None:
+        """Let requests name `adapter` (its weights in the model's dtype and device, shapes of this model)."""
+        adapter.check(self.loaded.model.cfg)
+        self.adapters[adapter.ref] = adapter
+
+    def adapter_in_use(self, ref: str) -> bool:
+        """Whether a request not yet finished runs with adapter `ref`."""
+        seqs = (*self.scheduler.waiting, *self.scheduler.running)
+        return any(seq.adapter is not None and seq.adapter.ref == ref for seq in seqs)
+
+    def remove_adapter(self, ref: str) -> None:
+        """Forget adapter `ref`; refused (ValueError) while a request runs with it."""
+        if self.adapter_in_use(ref):
+            raise ValueError(f"adapter {ref} is in use")
+        self.adapters.pop(ref, None)
 
     def add(self, request: EngineRequest) -> None:
         """Queue a request (`EngineRequest` says what each field asks for). `params.n` samples share the
@@ -86,18 +105,36 @@ class Engine:
                 f"prompt scores need exact weights and this server runs QUANTIZATION={self.config.quantization}; "
                 "score on a server without quantization"
             )
+        adapter = None
+        if request.adapter is not None:
+            adapter = self.adapters.get(request.adapter)
+            if adapter is None:
+                raise Unsupported(f"adapter {request.adapter} is not loaded")
         if params.prompt_logprobs is not None and score_from is None:
             score_from = 1
         arrival, tokens = time.monotonic(), list(request.prompt_token_ids)
         first = Sequence(
-            request_id, tokens, params, score_only=params.max_tokens == 0, score_from=score_from, arrival=arrival
+            request_id,
+            tokens,
+            params,
+            score_only=params.max_tokens == 0,
+            score_from=score_from,
+            arrival=arrival,
+            adapter=adapter,
         )
         leader = self.requests.get(request.shares_prefix_with, {}).get(0)
         if leader is not None:
             first.waits_for, first.wait_tokens = leader.seq, _common_prefix(leader.seq.token_ids, tokens)
         samples = [first] + [
             Sequence(
-                request_id, list(tokens), params, arrival=arrival, index=i, waits_for=first, wait_tokens=len(tokens)
+                request_id,
+                list(tokens),
+                params,
+                arrival=arrival,
+                index=i,
+                waits_for=first,
+                wait_tokens=len(tokens),
+                adapter=adapter,
             )
             for i in range(1, params.num_samples)
         ]

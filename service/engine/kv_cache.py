@@ -17,6 +17,7 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
+    root: int = 0  # the hash chain's start: 0 for the base model, one per LoRA adapter (`adapter_root`)
 
     @property
     def num_hashed(self) -> int:
@@ -53,7 +54,7 @@ class BlockManager:
         Never reuses the block holding the last token: its logits are needed, so it is computed.
         """
         assert not table.blocks
-        parent = 0
+        parent = table.root
         usable = (len(token_ids) - 1) // self.block_size
         for i in range(usable):
             h = chain_hash(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
@@ -68,7 +69,7 @@ class BlockManager:
 
     def register_computed(self, token_ids: list[int], num_computed: int, table: BlockTable) -> None:
         """Index every newly completed full block, so later prompts can reuse it."""
-        parent = table.hashes[-1] if table.hashes else 0
+        parent = table.hashes[-1] if table.hashes else table.root
         for i in range(table.num_hashed, num_computed // self.block_size):
             h = chain_hash(parent, token_ids[i * self.block_size : (i + 1) * self.block_size])
             block = table.blocks[i]
@@ -119,3 +120,9 @@ class BlockManager:
 
 def chain_hash(parent: int, tokens: list[int]) -> int:
     return hash((parent, *tokens))
+
+
+def adapter_root(ref: str) -> int:
+    """The prefix chain of a LoRA adapter's sequences: their KV differs from the base's and from any other
+    adapter's for the same tokens, so it is never shared across them."""
+    return hash(("adapter", ref)) or 1

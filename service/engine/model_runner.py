@@ -10,6 +10,7 @@ import torch
 
 from service.model import BatchLayout, KVCache, kernels
 from service.model.loader import LoadedModel
+from service.model.lora import AdapterRows
 
 from .sampler import logprobs_topn
 from .scheduler import ScheduledBatch
@@ -69,7 +70,10 @@ class ModelRunner:
         )
         ids = [t for s, n in zip(seqs, counts) for t in s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]]
         ids = torch.tensor(ids, device=self.device)
-        hidden = self.model(ids, layout.positions(self.device), layout, self.cache)  # (T, n_embd)
+        adapters = None
+        if any(s.adapter is not None for s in seqs):
+            adapters = AdapterRows.of([s.adapter for s, n in zip(seqs, counts) for _ in range(n)], self.device)
+        hidden = self.model(ids, layout.positions(self.device), layout, self.cache, adapters)  # (T, n_embd)
         ends = torch.tensor(counts).cumsum(0) - 1
         # Sequences that reach their last token and generate: their last row's logits (scoring ones need none).
         sampling = [s.num_computed_tokens + n == s.num_tokens and not s.score_only for s, n in zip(seqs, counts)]

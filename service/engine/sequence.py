@@ -7,7 +7,9 @@ many tokens each computes per step; the KV manager owns the blocks listed in `ta
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .kv_cache import BlockTable
+from service.model.lora import Adapter
+
+from .kv_cache import BlockTable, adapter_root
 from .types import FinishReason, SamplingParams
 
 
@@ -46,10 +48,13 @@ class Sequence:
     index: int = 0
     waits_for: "Sequence | None" = None
     wait_tokens: int = 0
+    adapter: Adapter | None = None  # the LoRA adapter its rows add (None: the base alone)
 
     def __post_init__(self) -> None:
         assert self.token_ids, "a sequence needs at least one token"
         self.num_prompt_tokens = len(self.token_ids)
+        if self.adapter is not None:
+            self.table.root = adapter_root(self.adapter.ref)
 
     @property
     def ready(self) -> bool:

@@ -51,13 +51,16 @@ class EngineRequest:
     `params.prompt_logprobs` set, logprobs of prompt tokens from `score_from` (default 1) are returned;
     tokens before `score_from` may be served from the prefix cache (context + continuation scoring). With
     `shares_prefix_with` naming a request still in flight, this one waits until that request has computed
-    the prompt prefix they share, so the prefix is computed once (several continuations of one context)."""
+    the prompt prefix they share, so the prefix is computed once (several continuations of one context).
+    With `adapter` naming a LoRA adapter the engine holds (`Engine.add_adapter`), the request runs on the
+    base with that adapter, in the same steps as every other request."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     score_from: int | None = None
     shares_prefix_with: str | None = None
+    adapter: str | None = None
 
 
 class FinishReason(str, Enum):

@@ -17,8 +17,11 @@ from model_store.finetune.config import RunOptions
 from model_store.finetune.export import export_run, restore_model
 from model_store.hf_format import load_hf_model
 from model_store.manifest import ADAPTER_FILE, WEIGHTS_FILE
+from service.engine import EngineRequest, SamplingParams
+from service.engine.types import Unsupported
 from service.model import BatchLayout, load_model
 from service.model.lora import Adapter, AdapterRows
+from tests.engine.test_engine import make_engine, random_prompts, run_all
 from tests.support.finetune import train_run
 
 
@@ -182,3 +185,74 @@ def test_the_runtime_with_an_adapter_computes_the_merged_model(lora_run, compile
     twice.load_state_dict(second_merged, strict=True)
     assert (together[2] - _logits(twice, [seqs[2]])[0]).abs().max() <= 1e-4
     assert (alone_adapter - _logits(base, [seqs[1]])[0]).abs().max() > 1e-3  # the adapter changes the logits
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def _adapters(store, adapter, loaded):
+    """The trained adapter and a second one (its B doubled), as the engine takes them, and the weights of
+    the model the second one merges into."""
+    info, tensors = adapter.manifest.adapter, read_adapter(store.verify(adapter.ref))
+    doubled = {k: (2 * v if k.endswith("lora_b") else v) for k, v in tensors.items()}
+    first = Adapter.from_tensors(adapter.ref, info, tensors, loaded.dtype, loaded.device)
+    second = Adapter.from_tensors("doubled@1", info, doubled, loaded.dtype, loaded.device)
+    base_weights = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    return first, second, merged(base_weights, doubled, info)
+
+
+def test_the_engine_runs_adapter_requests_beside_base_ones(lora_run):
+    """Greedy requests of the base, the adapter and a second adapter in one engine, staggered: each gets
+    exactly the tokens of its merged model served alone; the prefix cache never shares KV across them."""
+    store, _, adapter = lora_run
+    loaded = load_model(store, "tiny@1")
+    first, second, second_weights = _adapters(store, adapter, loaded)
+    engine = make_engine(loaded)
+    engine.add_adapter(first)
+    engine.add_adapter(second)
+    vocab = loaded.model.cfg.vocab_size
+    prompts = random_prompts(6, vocab, 9, 10, 30)
+    shared = prompts[0]  # one prompt under all three, so a cache shared across them would show
+    plan = [("base", None, shared), ("a", first.ref, shared), ("b", second.ref, shared)]
+    plan += [(f"x{i}", [None, first.ref, second.ref][i % 3], p) for i, p in enumerate(prompts[1:])]
+
+    got, cached, step = {}, {}, 0
+    pending = list(plan)
+    while pending or engine.has_work:
+        if pending:  # one arrival per step: prefixes computed by earlier requests are there to be reused
+            rid, ref, prompt = pending.pop(0)
+            engine.add(EngineRequest(rid, prompt, GREEDY, adapter=ref))
+            got[rid] = []
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+            if out.stats is not None:
+                cached[out.request_id] = out.stats.num_cached_tokens
+        step += 1
+        assert step < 2000
+
+    merged_model = load_model(store, "tiny-merged@1")
+    twice = load_model(store, "tiny@1")
+    twice.model.load_state_dict(second_weights, strict=True)
+    alone = {None: loaded, first.ref: merged_model, second.ref: twice}
+    for rid, ref, prompt in plan:
+        want = run_all(make_engine(alone[ref]), {0: [("r", prompt, GREEDY)]})["r"][0]
+        assert got[rid] == want, (rid, ref)
+    assert got["a"] != got["base"] and got["b"] != got["a"]  # the adapters change what is generated
+    assert cached["a"] == 0 and cached["b"] == 0  # not the base's KV for the same prompt
+
+
+def test_an_adapter_the_engine_does_not_hold_is_refused(lora_run):
+    store, _, adapter = lora_run
+    loaded = load_model(store, "tiny@1")
+    first, _, _ = _adapters(store, adapter, loaded)
+    engine = make_engine(loaded)
+    with pytest.raises(Unsupported, match="adapter tiny-lora@1 is not loaded"):
+        engine.add(EngineRequest("r", [1, 2, 3], GREEDY, adapter=first.ref))
+    engine.add_adapter(first)
+    engine.add(EngineRequest("r", [1, 2, 3], GREEDY, adapter=first.ref))
+    with pytest.raises(ValueError, match="in use"):
+        engine.remove_adapter(first.ref)
+    while engine.has_work:
+        engine.step()
+    engine.remove_adapter(first.ref)
+    assert first.ref not in engine.adapters
