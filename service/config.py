@@ -88,6 +88,13 @@ def _keys(text: str) -> tuple[str, ...]:
     return keys
 
 
+def _refs(text: str) -> tuple[str, ...]:
+    refs = tuple(r.strip() for r in text.split(",") if r.strip())
+    if len(set(refs)) != len(refs):
+        raise ValueError("a reference is listed twice")
+    return refs
+
+
 def _positive_bytes(text: str) -> int:
     value = parse_bytes(text)
     if value <= 0:
@@ -121,6 +128,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HOST", "127.0.0.1", "address to listen on (0.0.0.0 in containers)", str.strip),
     Variable("PORT", "8000", "TCP port", _int(1, 65535)),
     Variable("MODEL", "default@prod", "store reference to serve: name, name@version or name@alias", str.strip),
+    Variable(
+        "ADAPTERS",
+        "",
+        "comma-separated LoRA adapter versions of MODEL to serve beside it; a request names one as its model",
+        _refs,
+    ),
+    Variable("MAX_LORA_RANK", "64", "largest LoRA adapter rank served", _int(1, 4096)),
     Variable("MODEL_STORE_ROOT", "", "model store directory (default: the repo's models/)", str.strip),
     Variable("DEVICE", "cpu", "cpu, cuda or cuda:N", _device),
     Variable(
@@ -192,6 +206,8 @@ class ServiceConfig:
     host: str = _DEFAULTS["host"]
     port: int = _DEFAULTS["port"]
     model: str = _DEFAULTS["model"]
+    adapters: tuple[str, ...] = _DEFAULTS["adapters"]
+    max_lora_rank: int = _DEFAULTS["max_lora_rank"]
     model_store_root: str = _DEFAULTS["model_store_root"]
     device: str = _DEFAULTS["device"]
     dtype: str = _DEFAULTS["dtype"]

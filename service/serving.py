@@ -20,7 +20,8 @@ from typing import TypeVar
 
 from tokenizers import Tokenizer
 
-from model_store import ModelStore
+from model_store import ModelStore, StoreError
+from model_store.adapters import read_adapter
 from service.config import ServiceConfig
 from service.engine import (
     AsyncEngine,
@@ -34,6 +35,7 @@ from service.engine import (
 )
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
+from service.model.lora import Adapter
 
 logger = logging.getLogger("service")
 T = TypeVar("T")
@@ -56,9 +58,25 @@ class NotServing(Exception):
         self.reason, self.message = reason, message
 
 
+@dataclass(frozen=True)
+class ServedAdapter:
+    """A LoRA adapter version served on the model (`ADAPTERS`): a request that names it as its `model` runs on
+    the base with it."""
+
+    name: str
+    version: int
+    base: str
+    rank: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
 @dataclass(eq=False)
 class ServedModel:
-    """One store version loaded and served by its own engine thread."""
+    """One store version loaded and served by its own engine thread, with the adapters its engine holds."""
 
     loaded: LoadedModel
     engine: AsyncEngine
@@ -67,6 +85,7 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    adapters: dict[str, ServedAdapter] = field(default_factory=dict)  # by model_id
 
     @property
     def name(self) -> str:
@@ -166,7 +185,7 @@ class ModelServer:
     async def reload(self, ref: str) -> ServedModel:
         """Serve `ref` from now on; requests in flight finish on the old model, whose engine then stops."""
         async with self._reload_lock:
-            new = await self._open(ref)
+            new = await self._open(ref, reloading=True)
             old, self.served = self.served, new
             if old is not None:
                 self._retired.add(old)
@@ -188,29 +207,52 @@ class ModelServer:
             await asyncio.to_thread(model.engine.stop)  # in-flight streams get EngineDead
         self.state = State.STOPPED
 
-    async def _open(self, ref: str) -> ServedModel:
-        """Load `ref`, warm its engine up with one request (its steps reach the step metrics, its sequence
-        is not counted as a request), and start its thread."""
+    async def _open(self, ref: str, reloading: bool = False) -> ServedModel:
+        """Load `ref` and the configured adapters of it, warm its engine up with one request (its steps reach
+        the step metrics, its sequence is not counted as a request), and start its thread. An adapter that
+        cannot be served stops the start; on a reload, adapters of another base are left out."""
         loop = asyncio.get_running_loop()
 
-        def prepare() -> tuple[LoadedModel, Engine, EngineHooks]:
+        def prepare() -> tuple[LoadedModel, Engine, EngineHooks, list[ServedAdapter]]:
             config = self.config
             loaded = load_model(
                 self.store, ref, device=config.device, dtype=config.dtype, quantization=config.quantization
             )
             engine = Engine(loaded, config.engine_config(loaded.model.cfg.n_positions))  # kernel choice: seconds
+            adapters = [a for a in (self._adapter(r, loaded, engine, reloading) for r in config.adapters) if a]
             hooks = self._hooks((loaded.manifest.name, str(loaded.manifest.version)), loop)
             warmup = EngineRequest("warmup", [loaded.manifest.tokenizer.eos_token_id or 0], WARMUP)
             _run_alone(engine, warmup, hooks.on_step)
-            return loaded, engine, hooks
+            return loaded, engine, hooks, adapters
 
-        loaded, engine, hooks = await _on_a_thread_of_its_own(prepare)
+        loaded, engine, hooks, adapters = await _on_a_thread_of_its_own(prepare)
         async_engine = AsyncEngine(engine, hooks)
         model = ServedModel(loaded, async_engine, engine.config.scheduler.max_model_len, TokenStrings(loaded.tokenizer))
+        model.adapters.update((a.model_id, a) for a in adapters)
         async_engine.start()
         model.idle.set()
         self.metrics.serving(model.labels, model.dtype, model.device)
         return model
+
+    def _adapter(self, ref: str, loaded: LoadedModel, engine: Engine, reloading: bool) -> ServedAdapter | None:
+        """Verify adapter version `ref` and give it to `engine` (not yet driven by its thread); StoreError
+        naming `ref` when it cannot be served on `loaded` (None on a reload to another base)."""
+        stored = self.store.verify(ref)
+        info, base = stored.manifest.adapter, loaded.manifest.ref
+        if info is None:
+            raise StoreError(f"ADAPTERS: {stored.ref} is a model, not a LoRA adapter")
+        if info.base != base:
+            if reloading:
+                logger.warning("adapter left out", extra={"fields": {"adapter": stored.ref, "base": info.base}})
+                return None
+            raise StoreError(f"ADAPTERS: {stored.ref} is an adapter of {info.base}; MODEL is {base}")
+        if info.rank > self.config.max_lora_rank:
+            raise StoreError(
+                f"ADAPTERS: {stored.ref} has rank {info.rank}, over MAX_LORA_RANK={self.config.max_lora_rank}"
+            )
+        tensors = read_adapter(stored)
+        engine.add_adapter(Adapter.from_tensors(stored.ref, info, tensors, loaded.dtype, loaded.device))
+        return ServedAdapter(stored.manifest.name, stored.manifest.version, info.base, info.rank)
 
     def _hooks(self, labels: tuple[str, str], loop: asyncio.AbstractEventLoop) -> EngineHooks:
         """What the metrics observe of one model's engine, and how its death reaches the event loop."""

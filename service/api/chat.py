@@ -30,15 +30,15 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     server = request.app.state.server
     with server.lease() as lease:
         model = lease.model
-        check_model(req.model, model)
+        target = check_model(req.model, model)
         ids = chat_prompt(req.messages, model)
         max_tokens = max_new_tokens(req.max_completion_tokens or req.max_tokens, len(ids), model.max_model_len, False)
         top = (req.top_logprobs or 0) if req.logprobs else None  # `logprobs: true` alone: each token's own
         params = sampling_params(
             req, server.config, model.vocab_size, max_tokens=max_tokens, logprobs=top, prompt_logprobs=None
         )
-        jobs = [EngineRequest(server.request_id("chatcmpl"), ids, params)]
-        reply = await submit_reply(request, model, [PromptInput(ids, "")], jobs, req.n)
+        jobs = [EngineRequest(server.request_id("chatcmpl"), ids, params, adapter=target.adapter)]
+        reply = await submit_reply(request, model, [PromptInput(ids, "")], jobs, req.n, target.model_id)
         if req.stream:
             return EventStream(_chat_chunks(req, reply), lease.hand_over(), reply.handle)
         async with abort_on_disconnect(request, reply.handle):
@@ -84,7 +84,7 @@ def _chat_body(req: ChatCompletionRequest, reply: Reply, choices: list[Choice]) 
         "id": reply.id,
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": reply.model.model_id,
+        "model": reply.model_id,
         "usage": reply.usage,
         "choices": [
             {
@@ -116,7 +116,7 @@ def _chat_logprobs(entries: list[LogprobEntry], model: ServedModel) -> dict:
 
 
 async def _chat_chunks(req: ChatCompletionRequest, reply: Reply) -> AsyncIterator[bytes]:
-    head = {"id": reply.id, "object": "chat.completion.chunk", "created": reply.created, "model": reply.model.model_id}
+    head = {"id": reply.id, "object": "chat.completion.chunk", "created": reply.created, "model": reply.model_id}
 
     def chunk(choices: list[dict], **extra) -> bytes:
         return sse({**head, "choices": choices, **extra})

@@ -40,13 +40,15 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     server = request.app.state.server
     with server.lease() as lease:
         model = lease.model
-        check_model(req.model, model)
+        target = check_model(req.model, model)
         prompts = prompt_inputs(req.prompt, model.tokenizer, model.vocab_size)
         jobs = [
-            EngineRequest(server.request_id("cmpl"), p.token_ids, _params(req, p, model, server.config))
+            EngineRequest(
+                server.request_id("cmpl"), p.token_ids, _params(req, p, model, server.config), adapter=target.adapter
+            )
             for p in prompts
         ]
-        reply = await submit_reply(request, model, prompts, jobs, req.n)
+        reply = await submit_reply(request, model, prompts, jobs, req.n, target.model_id)
         if req.stream:
             return EventStream(_completion_chunks(req, reply), lease.hand_over(), reply.handle)
         async with abort_on_disconnect(request, reply.handle):
@@ -81,14 +83,14 @@ def max_new_tokens(max_tokens: int | None, prompt_len: int, max_model_len: int, 
 
 
 async def submit_reply(
-    request: Request, model: ServedModel, prompts: list[PromptInput], jobs: list[EngineRequest], n: int
+    request: Request, model: ServedModel, prompts: list[PromptInput], jobs: list[EngineRequest], n: int, model_id: str
 ) -> "Reply":
     """Queue the jobs (more sequences than the waiting queue holds: 400; refused: 429 / 400 / 503), and the
     reply to build from them; its usage is logged with the request."""
     limit = request.app.state.server.config.max_waiting_requests
     if len(jobs) * n > limit:
         raise invalid(f"the request asks for {len(jobs) * n} sequences (prompts × n); the limit is {limit}", "n")
-    reply = Reply(model, prompts, jobs, n, await submit(request, model, jobs))
+    reply = Reply(model, prompts, jobs, n, await submit(request, model, jobs), model_id)
     request.state.usage = reply.usage
     return reply
 
@@ -122,6 +124,7 @@ class Reply:
     jobs: list[EngineRequest]
     n: int
     handle: RequestHandle
+    model_id: str  # what the response reports: the served model's, or the adapter's the request named
     created: int = field(default_factory=lambda: int(time.time()))
     usage: dict = field(default_factory=dict)
 
@@ -176,7 +179,7 @@ def _completion_body(req: CompletionRequest, reply: Reply, choices: list[Choice]
         "id": reply.id,
         "object": "text_completion",
         "created": int(time.time()),
-        "model": reply.model.model_id,
+        "model": reply.model_id,
         "usage": reply.usage,
         "choices": [_completion_choice(i, c, req, reply.model) for i, c in enumerate(choices)],
     }
@@ -194,7 +197,7 @@ def _completion_choice(index: int, c: Choice, req: CompletionRequest, model: Ser
 async def _completion_chunks(req: CompletionRequest, reply: Reply) -> AsyncIterator[bytes]:
     strings = reply.model.token_strings
 
-    head = {"id": reply.id, "object": "text_completion", "created": reply.created, "model": reply.model.model_id}
+    head = {"id": reply.id, "object": "text_completion", "created": reply.created, "model": reply.model_id}
 
     def chunk(choices: list[dict], **extra) -> bytes:
         return sse({**head, "choices": choices, **extra})

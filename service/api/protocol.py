@@ -58,15 +58,26 @@ def prompt_inputs(prompt, tokenizer: Tokenizer, vocab_size: int, param: str = "p
     return inputs
 
 
-def check_model(name: str | None, model: ServedModel) -> None:
-    """A request may name the served model as `name`, `name@version` or not at all."""
-    if name and name not in (model.name, model.model_id):
-        raise APIError(
-            404,
-            f"model {name!r} is not served here; this server serves {model.model_id!r}",
-            "model",
-            "model_not_found",
-        )
+@dataclass(frozen=True)
+class Target:
+    """What a request's `model` names: the served model (`adapter` None) or one of its LoRA adapters; its
+    `model_id` is what the response reports."""
+
+    model_id: str
+    adapter: str | None = None
+
+
+def check_model(name: str | None, model: ServedModel) -> Target:
+    """A request may name the served model as `name`, `name@version` or not at all, or one of its adapters
+    as `name@version` or `name` (its highest version served)."""
+    if not name or name in (model.name, model.model_id):
+        return Target(model.model_id)
+    named = [a for a in model.adapters.values() if name in (a.name, a.model_id)]
+    if named:
+        adapter = max(named, key=lambda a: a.version).model_id
+        return Target(adapter, adapter)
+    served = ", ".join(repr(i) for i in (model.model_id, *model.adapters))
+    raise APIError(404, f"model {name!r} is not served here; this server serves {served}", "model", "model_not_found")
 
 
 def check_context(prompt_len: int, max_tokens: int, max_model_len: int, param: str = "max_tokens") -> None:

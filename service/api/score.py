@@ -36,10 +36,10 @@ async def score(req: ScoreRequest, request: Request) -> Response:
     server = request.app.state.server
     with server.lease() as lease:
         model = lease.model
-        check_model(req.model, model)
+        target = check_model(req.model, model)
         texts = _texts(req)
         _check_queue(req, texts, server.config.max_waiting_requests)
-        scorer = _Scorer(request, server, model, _bos(req, model), _params(req))
+        scorer = _Scorer(request, server, model, _bos(req, model), _params(req), target.adapter)
         if req.context is not None:
             body = await _continuations(req, scorer)
         elif req.rolling:
@@ -47,7 +47,7 @@ async def score(req: ScoreRequest, request: Request) -> Response:
         else:
             body = await _texts_scores(req, texts, scorer)
     request.state.usage = body["usage"]
-    return JSONResponse({"object": "score", "created": int(time.time()), "model": model.model_id, **body})
+    return JSONResponse({"object": "score", "created": int(time.time()), "model": target.model_id, **body})
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,11 @@ class _Scorer:
     model: ServedModel
     bos: list[int]  # what every scored text starts with: [EOS] with add_bos, else nothing
     params: SamplingParams
+    adapter: str | None = None  # the LoRA adapter the request named
 
     def job(self, token_ids: list[int], score_from: int, shares_prefix_with: str | None = None) -> EngineRequest:
-        return EngineRequest(self.server.request_id("score"), token_ids, self.params, score_from, shares_prefix_with)
+        request_id = self.server.request_id("score")
+        return EngineRequest(request_id, token_ids, self.params, score_from, shares_prefix_with, self.adapter)
 
     async def run(self, jobs: list[EngineRequest]) -> list[list[TokenLogprob]]:
         """Each job's scored prompt tokens; the jobs are queued together (all admitted, or a 429)."""

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from model_store.errors import NotFoundError, StoreError
 from service.metrics import CONTENT_TYPE
-from service.serving import ServedModel
+from service.serving import ServedAdapter, ServedModel
 
 from .errors import APIError, invalid
 from .protocol import encode
@@ -52,9 +52,23 @@ def model_card(model: ServedModel) -> dict:
     }
 
 
+def adapter_card(adapter: ServedAdapter, model: ServedModel) -> dict:
+    """A LoRA adapter served on `model`, as vLLM lists them: its own id and `root`, and its base as `parent`."""
+    return {
+        **model_card(model),
+        "id": adapter.model_id,
+        "created": adapter.created,
+        "root": adapter.name,
+        "version": adapter.version,
+        "parent": model.model_id,
+        "lora_rank": adapter.rank,
+    }
+
+
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
-    return {"object": "list", "data": [model_card(request.app.state.server.current())]}
+    model = request.app.state.server.current()
+    return {"object": "list", "data": [model_card(model), *(adapter_card(a, model) for a in model.adapters.values())]}
 
 
 @router.post("/admin/reload")
