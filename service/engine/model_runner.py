@@ -4,17 +4,19 @@ Owns the KV cache tensors (sized by the engine from its memory budget) and the t
 into a flat token batch with block tables. It knows nothing of sampling or text.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from service.model import BatchLayout, KVCache, kernels
 from service.model.loader import LoadedModel
-from service.model.lora import AdapterRows
+from service.model.lora import Adapter, AdapterRows, AdapterStack
 
 from .sampler import logprobs_topn
 from .scheduler import ScheduledBatch
 
+STACKS_KEPT = 4  # stacked adapter weights kept for reuse, one per mix of adapters
 SCORE_CHUNK_ROWS = 128  # prompt positions per head call when scoring: 26 MB of float32 logits for GPT-2
 
 
@@ -59,6 +61,17 @@ class ModelRunner:
             dtype=loaded.dtype,
             decode_kernel=decode_kernel,
         )
+        self._stacks: OrderedDict[tuple[int, ...], AdapterStack] = OrderedDict()  # least recently used first
+
+    def _stack(self, adapters: tuple[Adapter, ...]) -> AdapterStack:
+        """The stacked weights of the adapters a step mixes, kept for the next steps (the mix of a running
+        batch changes only as requests come and go)."""
+        key = tuple(id(a) for a in adapters)
+        stack = self._stacks.pop(key, None) or AdapterStack.of(adapters)
+        self._stacks[key] = stack  # the stack holds its adapters, so their ids are not reused meanwhile
+        while len(self._stacks) > STACKS_KEPT:
+            self._stacks.popitem(last=False)
+        return stack
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, argmax_only: bool = False) -> RunnerOutput:
@@ -72,7 +85,8 @@ class ModelRunner:
         ids = torch.tensor(ids, device=self.device)
         adapters = None
         if any(s.adapter is not None for s in seqs):
-            adapters = AdapterRows.of([s.adapter for s, n in zip(seqs, counts) for _ in range(n)], self.device)
+            row_adapters = [s.adapter for s, n in zip(seqs, counts) for _ in range(n)]
+            adapters = AdapterRows.of(row_adapters, self.device, self._stack)
         hidden = self.model(ids, layout.positions(self.device), layout, self.cache, adapters)  # (T, n_embd)
         ends = torch.tensor(counts).cumsum(0) - 1
         # Sequences that reach their last token and generate: their last row's logits (scoring ones need none).

@@ -148,8 +148,7 @@ class Linear(nn.Linear):
         rows that add a LoRA update to the product (before the activation)."""
         if adapters is None or not adapters.adapts(self.target):
             return _product(self.choice, x, self.weight, self.bias, self._packed, activation, residual)
-        y = _product(self.choice, x, self.weight, self.bias, self._packed)
-        adapters.add_to(y, x, self.target)
+        y = adapters.add_to(_product(self.choice, x, self.weight, self.bias, self._packed), x, self.target)
         if activation is not None:
             y = ACTIVATIONS[activation](y)
         return y if residual is None else y + residual

@@ -2,6 +2,7 @@
 the adapter alone, naming its exact base; applied to the base it gives the merged export's weights; the
 store's readers and loaders tell an adapter from a model."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from model_store.manifest import ADAPTER_FILE, WEIGHTS_FILE
 from service.engine import EngineRequest, SamplingParams
 from service.engine.types import Unsupported
 from service.model import BatchLayout, load_model
-from service.model.lora import Adapter, AdapterRows
+from service.model.lora import Adapter, AdapterRows, AdapterStack
 from tests.engine.test_engine import make_engine, random_prompts, run_all
 from tests.support.finetune import train_run
 
@@ -144,19 +145,23 @@ def test_the_command_line_lists_and_shows_an_adapter(lora_run, capsys):
     assert "--export-adapter needs a LoRA run" in capsys.readouterr().err
 
 
-def _logits(model, sequences, adapters=None):
+def _logits(model, sequences, adapters=None, stack_of=AdapterStack.of):
     """One cache-free forward over `sequences` (lists of ids) together; logits per sequence."""
     layout = BatchLayout.prefill([len(s) for s in sequences])
     ids = torch.tensor([t for s in sequences for t in s])
-    rows = AdapterRows.of([a for a, s in zip(adapters or [None] * len(sequences), sequences) for _ in s])
+    row_adapters = [a for a, s in zip(adapters or [None] * len(sequences), sequences) for _ in s]
+    rows = AdapterRows.of(row_adapters, stack_of=stack_of)
     logits = model.compute_logits(model(ids, layout.positions(), layout, adapters=rows))
     return list(logits.split([len(s) for s in sequences]))
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-updates", "torch-updates"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["torch-kernels", "chosen-kernels"])
-def test_the_runtime_with_an_adapter_computes_the_merged_model(lora_run, compiled):
+def test_the_runtime_with_an_adapter_computes_the_merged_model(lora_run, compiled, onednn):
     """Rows of the base, of the adapter and of a second adapter in one forward pass: each equals the merged
-    model (or the base) computing it alone; float32 logits within 1e-4."""
+    model (or the base) computing it alone; float32 logits within 1e-4. The adapters' products by oneDNN
+    (packed) and by torch alone (the fallback) both."""
+    stack_of = AdapterStack.of if onednn else lambda ads: dataclasses.replace(AdapterStack.of(ads), packed=None)
     store, _, adapter = lora_run
     base, merged_model = load_model(store, "tiny@1").model, load_model(store, "tiny-merged@1").model
     if compiled:
@@ -173,8 +178,9 @@ def test_the_runtime_with_an_adapter_computes_the_merged_model(lora_run, compile
 
     alone_base = _logits(base, [seqs[0]])[0]
     alone_adapter = _logits(merged_model, [seqs[1]])[0]
-    assert (_logits(base, [seqs[1]], [first])[0] - alone_adapter).abs().max() <= 1e-4
-    together = _logits(base, seqs, [None, first, second, first])
+    assert onednn is (stack_of((first,)).packed is not None)  # the path this case means to test
+    assert (_logits(base, [seqs[1]], [first], stack_of)[0] - alone_adapter).abs().max() <= 1e-4
+    together = _logits(base, seqs, [None, first, second, first], stack_of)
     assert (together[0] - alone_base).abs().max() <= 1e-4
     assert (together[1] - alone_adapter).abs().max() <= 1e-4
     assert (together[3] - _logits(merged_model, [seqs[3]])[0]).abs().max() <= 1e-4
