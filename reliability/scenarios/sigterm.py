@@ -17,18 +17,22 @@ from reliability.server import ServerProcess, model_info
 from reliability.traffic import random_token
 
 
-def _stream_until_end(url: str, body: dict, admitted: threading.Event, out: dict) -> None:
+def _stream_until_end(url: str, body: dict, admitted: threading.Event, out: dict, start: threading.Barrier) -> None:
     """A streaming request in a thread: its status, its events, when it ended. `admitted` is set when the
-    response starts (the service starts a stream once the engine has queued it)."""
+    response starts (the service starts a stream once the engine has queued it). The request is sent once
+    every thread has its client ready (`start`): a client costs tens of ms to set up, in which the first
+    streams of a tiny model could finish before the last are sent."""
     try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
-            out["status"] = r.status_code
-            out["events"] = []
-            admitted.set()
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    out["events"].append(line[6:])
-    except httpx.HTTPError as exc:
+        with httpx.Client(timeout=300) as client:
+            start.wait(60)
+            with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                out["status"] = r.status_code
+                out["events"] = []
+                admitted.set()
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        out["events"].append(line[6:])
+    except (httpx.HTTPError, threading.BrokenBarrierError) as exc:
         out["exception"] = f"{type(exc).__name__}: {exc}"
     finally:
         out["end"] = time.monotonic()
@@ -60,6 +64,7 @@ def sigterm_streams(
     rng = random.Random(seed)
     outs: list[dict] = [{} for _ in range(streams)]
     admitted = [threading.Event() for _ in range(streams)]
+    start = threading.Barrier(streams)
     threads = []
     for i in range(streams):
         body = {
@@ -69,7 +74,9 @@ def sigterm_streams(
             "stream": True,
         }
         threads.append(
-            threading.Thread(target=_stream_until_end, args=(server.url, body, admitted[i], outs[i]), daemon=True)
+            threading.Thread(
+                target=_stream_until_end, args=(server.url, body, admitted[i], outs[i], start), daemon=True
+            )
         )
     for t in threads:
         t.start()
