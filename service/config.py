@@ -135,6 +135,12 @@ VARIABLES: tuple[Variable, ...] = (
         _refs,
     ),
     Variable("MAX_LORA_RANK", "64", "largest LoRA adapter rank served", _int(1, 4096)),
+    Variable(
+        "MAX_ADAPTERS",
+        "8",
+        "LoRA adapters held at once; loading one more evicts the least recently used one not in use",
+        _int(1, 1024),
+    ),
     Variable("MODEL_STORE_ROOT", "", "model store directory (default: the repo's models/)", str.strip),
     Variable("DEVICE", "cpu", "cpu, cuda or cuda:N", _device),
     Variable(
@@ -208,6 +214,7 @@ class ServiceConfig:
     model: str = _DEFAULTS["model"]
     adapters: tuple[str, ...] = _DEFAULTS["adapters"]
     max_lora_rank: int = _DEFAULTS["max_lora_rank"]
+    max_adapters: int = _DEFAULTS["max_adapters"]
     model_store_root: str = _DEFAULTS["model_store_root"]
     device: str = _DEFAULTS["device"]
     dtype: str = _DEFAULTS["dtype"]
@@ -238,6 +245,10 @@ class ServiceConfig:
                 values[var.name.lower()] = var.parse(text)
             except ValueError as exc:
                 raise ConfigError(f"{var.name}={text!r}: {exc}") from None
+        if len(values["adapters"]) > values["max_adapters"]:
+            raise ConfigError(
+                f"ADAPTERS lists {len(values['adapters'])} adapters; MAX_ADAPTERS is {values['max_adapters']}"
+            )
         if values["quantization"] != "none" and values["device"] != "cpu":
             raise ConfigError(f"QUANTIZATION={values['quantization']} runs on CPU only; DEVICE is {values['device']}")
         return cls(**values)

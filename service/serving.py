@@ -49,6 +49,10 @@ class State(str, Enum):
     FAILED = "failed"  # the engine thread died: not ready, and `python -m service` exits so it is restarted
 
 
+class AdaptersBusy(Exception):
+    """An adapter cannot be loaded or unloaded now: the ones it would replace, or it, are in use (HTTP 409)."""
+
+
 class NotServing(Exception):
     """No model answers requests now (HTTP 503 with Retry-After). `reason` is the rejection metric's label:
     `not_ready` (loading, or the engine failed) or `draining` (shutting down)."""
@@ -85,7 +89,13 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    adapters: dict[str, ServedAdapter] = field(default_factory=dict)  # by model_id
+    adapters: dict[str, ServedAdapter] = field(default_factory=dict)  # by model_id, least recently used first
+
+    def use_adapter(self, model_id: str) -> ServedAdapter:
+        """Adapter `model_id`, now the most recently used (eviction takes the least recently used)."""
+        adapter = self.adapters.pop(model_id)
+        self.adapters[model_id] = adapter
+        return adapter
 
     @property
     def name(self) -> str:
@@ -219,7 +229,12 @@ class ModelServer:
                 self.store, ref, device=config.device, dtype=config.dtype, quantization=config.quantization
             )
             engine = Engine(loaded, config.engine_config(loaded.model.cfg.n_positions))  # kernel choice: seconds
-            adapters = [a for a in (self._adapter(r, loaded, engine, reloading) for r in config.adapters) if a]
+            adapters = []
+            for adapter_ref in config.adapters:
+                found = self._adapter(adapter_ref, loaded, reloading)
+                if found is not None:
+                    engine.add_adapter(found[0])
+                    adapters.append(found[1])
             hooks = self._hooks((loaded.manifest.name, str(loaded.manifest.version)), loop)
             warmup = EngineRequest("warmup", [loaded.manifest.tokenizer.eos_token_id or 0], WARMUP)
             _run_alone(engine, warmup, hooks.on_step)
@@ -234,9 +249,9 @@ class ModelServer:
         self.metrics.serving(model.labels, model.dtype, model.device)
         return model
 
-    def _adapter(self, ref: str, loaded: LoadedModel, engine: Engine, reloading: bool) -> ServedAdapter | None:
-        """Verify adapter version `ref` and give it to `engine` (not yet driven by its thread); StoreError
-        naming `ref` when it cannot be served on `loaded` (None on a reload to another base)."""
+    def _adapter(self, ref: str, loaded: LoadedModel, reloading: bool) -> tuple[Adapter, ServedAdapter] | None:
+        """Verify adapter version `ref` and read it for `loaded`'s engine; StoreError naming `ref` when it
+        cannot be served on `loaded` (None instead, on a reload to another base)."""
         stored = self.store.verify(ref)
         info, base = stored.manifest.adapter, loaded.manifest.ref
         if info is None:
@@ -250,9 +265,50 @@ class ModelServer:
             raise StoreError(
                 f"ADAPTERS: {stored.ref} has rank {info.rank}, over MAX_LORA_RANK={self.config.max_lora_rank}"
             )
-        tensors = read_adapter(stored)
-        engine.add_adapter(Adapter.from_tensors(stored.ref, info, tensors, loaded.dtype, loaded.device))
-        return ServedAdapter(stored.manifest.name, stored.manifest.version, info.base, info.rank)
+        adapter = Adapter.from_tensors(stored.ref, info, read_adapter(stored), loaded.dtype, loaded.device)
+        return adapter, ServedAdapter(stored.manifest.name, stored.manifest.version, info.base, info.rank)
+
+    async def load_adapter(self, ref: str) -> tuple[ServedAdapter, list[str]]:
+        """Serve adapter version `ref` on the current model from now on; returns it and the adapters evicted
+        to make room (at MAX_ADAPTERS, the least recently used ones no request is using). StoreError when it
+        cannot be served, AdaptersBusy when every adapter held is in use."""
+        async with self._reload_lock:
+            model = self.current()
+            stored = self.store.resolve(ref)
+            if stored.ref in model.adapters:
+                return model.use_adapter(stored.ref), []
+            adapter, served = await _on_a_thread_of_its_own(lambda: self._adapter(ref, model.loaded, False))
+            evicted = []
+            while len(model.adapters) >= self.config.max_adapters:
+                evicted.append(await self._evict_one(model))
+            await model.engine.call(lambda engine: engine.add_adapter(adapter))
+            model.adapters[served.model_id] = served
+            logger.info("adapter loaded", extra={"fields": {"adapter": served.model_id, "evicted": evicted}})
+            return served, evicted
+
+    async def unload_adapter(self, model_id: str) -> None:
+        """Stop serving adapter `model_id` (name@version) of the current model; KeyError if it is not
+        served, AdaptersBusy while a request runs with it."""
+        async with self._reload_lock:
+            model = self.current()
+            if model_id not in model.adapters:
+                raise KeyError(model_id)
+            try:
+                await model.engine.call(lambda engine: engine.remove_adapter(model_id))
+            except ValueError:
+                raise AdaptersBusy(f"adapter {model_id} is in use; retry once its requests are done") from None
+            del model.adapters[model_id]
+            logger.info("adapter unloaded", extra={"fields": {"adapter": model_id}})
+
+    async def _evict_one(self, model: ServedModel) -> str:
+        for model_id in list(model.adapters):  # least recently used first
+            try:
+                await model.engine.call(lambda engine, ref=model_id: engine.remove_adapter(ref))
+            except ValueError:  # in use
+                continue
+            del model.adapters[model_id]
+            return model_id
+        raise AdaptersBusy(f"all {len(model.adapters)} adapters held (MAX_ADAPTERS) are in use; retry later")
 
     def _hooks(self, labels: tuple[str, str], loop: asyncio.AbstractEventLoop) -> EngineHooks:
         """What the metrics observe of one model's engine, and how its death reaches the event loop."""

@@ -74,7 +74,7 @@ def check_model(name: str | None, model: ServedModel) -> Target:
         return Target(model.model_id)
     named = [a for a in model.adapters.values() if name in (a.name, a.model_id)]
     if named:
-        adapter = max(named, key=lambda a: a.version).model_id
+        adapter = model.use_adapter(max(named, key=lambda a: a.version).model_id).model_id
         return Target(adapter, adapter)
     served = ", ".join(repr(i) for i in (model.model_id, *model.adapters))
     raise APIError(404, f"model {name!r} is not served here; this server serves {served}", "model", "model_not_found")

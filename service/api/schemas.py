@@ -101,3 +101,7 @@ class DetokenizeRequest(_Body):
 
 class ReloadRequest(_Body):
     model: StrictStr
+
+
+class AdapterRequest(_Body):
+    adapter: StrictStr

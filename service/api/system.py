@@ -7,11 +7,11 @@ from fastapi.responses import JSONResponse, Response
 
 from model_store.errors import NotFoundError, StoreError
 from service.metrics import CONTENT_TYPE
-from service.serving import ServedAdapter, ServedModel
+from service.serving import AdaptersBusy, ServedAdapter, ServedModel
 
 from .errors import APIError, invalid
 from .protocol import encode
-from .schemas import DetokenizeRequest, ReloadRequest, TokenizeRequest
+from .schemas import AdapterRequest, DetokenizeRequest, ReloadRequest, TokenizeRequest
 
 router = APIRouter()
 
@@ -83,6 +83,34 @@ async def reload(req: ReloadRequest, request: Request) -> dict:
     except (StoreError, ValueError) as exc:
         raise invalid(f"cannot load {req.model!r}: {exc}", "model") from None
     return {"object": "reload", "model": model_card(model)}
+
+
+@router.post("/admin/adapters")
+async def load_adapter(req: AdapterRequest, request: Request) -> dict:
+    """Serve a LoRA adapter version of the current model from now on; at MAX_ADAPTERS the least recently used
+    adapters no request is using are evicted (listed in the answer)."""
+    server = request.app.state.server
+    try:
+        adapter, evicted = await server.load_adapter(req.adapter)
+    except NotFoundError as exc:
+        raise APIError(404, str(exc), "adapter", "model_not_found") from None
+    except AdaptersBusy as exc:
+        raise APIError(409, str(exc), "adapter", "adapters_busy") from None
+    except (StoreError, ValueError) as exc:
+        raise invalid(f"cannot serve {req.adapter!r}: {exc}", "adapter") from None
+    return {"object": "adapter", "adapter": adapter_card(adapter, server.current()), "evicted": evicted}
+
+
+@router.delete("/admin/adapters/{model_id}")
+async def unload_adapter(model_id: str, request: Request) -> dict:
+    """Stop serving adapter `model_id` (name@version); 409 while a request runs with it."""
+    try:
+        await request.app.state.server.unload_adapter(model_id)
+    except KeyError:
+        raise APIError(404, f"adapter {model_id!r} is not served here", "model_id", "model_not_found") from None
+    except AdaptersBusy as exc:
+        raise APIError(409, str(exc), "model_id", "adapters_busy") from None
+    return {"object": "adapter.deleted", "id": model_id, "deleted": True}
 
 
 @router.get("/tokenizer_info")

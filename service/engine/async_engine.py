@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from . import cpu
 from .engine import Engine
@@ -31,6 +32,7 @@ from .scheduler import check_room
 from .types import EngineDead, EngineOutput, EngineRequest, StepStats
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,14 @@ class _Abort:
 
 
 @dataclass(frozen=True)
+class _Call:
+    """Run `fn(engine)` on the engine thread between steps; its result or error settles `done` on the loop."""
+
+    fn: Callable[[Engine], object]
+    done: asyncio.Future
+
+
+@dataclass(frozen=True)
 class _Occupancy:
     """What the engine thread last published for the loop's early refusal, read and written whole."""
 
@@ -176,6 +186,7 @@ class AsyncEngine:
         # rather than a threading.Event (a Condition in Python), which took ~10 us of the loop's and the engine
         # thread's time per step; a number that comes after its wait timed out is skipped by the next wait.
         self._handed: queue.SimpleQueue = queue.SimpleQueue()
+        self._unrun: list = []  # engine thread only: commands queued behind the stop
         self._deliveries = 0  # engine thread only
 
     def start(self) -> None:
@@ -214,6 +225,16 @@ class AsyncEngine:
             handle.abort()
             raise
         return handle
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """`fn(engine)` on the engine thread, between steps (say, `Engine.add_adapter`): its result, or its
+        exception raised here. EngineDead if the engine thread has stopped."""
+        done = asyncio.get_running_loop().create_future()
+        with self._closing:
+            if self._closed or not self.alive:
+                raise EngineDead("the engine is not running") from self.error
+            self._commands.put(_Call(fn, done))
+        return await done
 
     # -- event loop ---------------------------------------------------------------------------------------
     def _abort(self, request_ids: tuple[str, ...]) -> None:
@@ -310,9 +331,15 @@ class AsyncEngine:
         return time.monotonic()
 
     def _close(self, dead: EngineDead) -> None:
-        """No command is queued from now on; every request submitted and not done gets `dead`."""
+        """No command is queued from now on; every request submitted and not done, and every call not yet
+        run, gets `dead`."""
         with self._closing:
             self._closed = True
+        while not self._commands.empty():
+            self._unrun.append(self._commands.get_nowait())
+        for command in self._unrun:
+            if isinstance(command, _Call):
+                self._to_loop(_settle_future, command.done, None, dead)
         self._to_loop(self._fail_all, dead)
 
     def _apply_commands(self, block: bool) -> bool:
@@ -321,14 +348,17 @@ class AsyncEngine:
         while not self._commands.empty():
             commands.append(self._commands.get_nowait())
         admissions, aborted, running = [], False, True
-        for command in commands:
+        for i, command in enumerate(commands):
             if command is _STOP:
                 running = False
+                self._unrun.extend(commands[i + 1 :])
                 break
             if isinstance(command, _Abort):
                 for request_id in command.request_ids:
                     self.engine.abort(request_id)
                 aborted = True
+            elif isinstance(command, _Call):
+                self._settle(command)
             else:
                 admissions.append((command.handle, self._add(command.requests)))
         self._publish()
@@ -337,6 +367,13 @@ class AsyncEngine:
         if aborted:
             self._report(self.engine.make_stats())  # memory freed now, even if no step follows
         return running
+
+    def _settle(self, call: _Call) -> None:
+        try:
+            result, error = call.fn(self.engine), None
+        except Exception as exc:  # the call's own error, for its caller
+            result, error = None, exc
+        self._to_loop(_settle_future, call.done, result, error)
 
     def _add(self, requests: tuple[EngineRequest, ...]) -> BaseException | None:
         """Queue a submission whole, or none of it: the error that refused it (QueueFull, TooLarge)."""
@@ -363,3 +400,12 @@ class AsyncEngine:
     def _to_loop(self, callback: Callable, *args) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
             self._loop.call_soon_threadsafe(callback, *args)
+
+
+def _settle_future(done: asyncio.Future, result, error: BaseException | None) -> None:
+    if done.done():  # the caller was cancelled
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)

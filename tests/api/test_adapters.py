@@ -40,13 +40,14 @@ def _random_adapter(store: ModelStore, base_ref: str, name: str, seed: int, rank
 @pytest.fixture(scope="module")
 def lora_store(http_store, tmp_path_factory):
     """The HTTP tests' store (tiny@1 prod, tiny@2, tiny@3) plus tiny-lora@1 (of tiny@1), other-lora@1 (of
-    tiny@2) and wide-lora@1 (of tiny@1, rank 16); and tiny-lora's tensors."""
+    tiny@2), wide-lora@1 (of tiny@1, rank 16) and third-lora@1 (of tiny@1); and tiny-lora's tensors."""
     root = tmp_path_factory.mktemp("lora-store") / "store"
     shutil.copytree(http_store[0], root)
     store = ModelStore(root)
     _, tensors = _random_adapter(store, "tiny@1", "tiny-lora", seed=1)
     _random_adapter(store, "tiny@2", "other-lora", seed=2)
     _random_adapter(store, "tiny@1", "wide-lora", seed=3, rank=16)
+    _random_adapter(store, "tiny@1", "third-lora", seed=5)
     return store, tensors
 
 
@@ -186,3 +187,63 @@ def test_a_reload_to_another_base_leaves_its_adapters_out(lora_store, tmp_path):
         assert _complete(live.client, [1, 2], "tiny-lora@1").status_code == 404
         r = live.client.post("/admin/reload", json={"model": "tiny@1"})
         assert [m["id"] for m in live.client.get("/v1/models").json()["data"]] == ["tiny@1", "tiny-lora@1"]
+
+
+def _ids(client):
+    return [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+
+def test_adapters_load_and_unload_while_serving(lora_store, expected):
+    want, prompts = expected
+    with serve(lora_store[0].root, max_adapters=2) as live:
+        client = live.client
+        assert _ids(client) == ["tiny@1"]
+        assert _complete(client, prompts[0], "tiny-lora@1").status_code == 404
+        r = client.post("/admin/adapters", json={"adapter": "tiny-lora@1"})
+        assert r.status_code == 200 and r.json()["adapter"]["parent"] == "tiny@1" and r.json()["evicted"] == []
+        assert _complete(client, prompts[0], "tiny-lora").json()["choices"][0]["text"] == want[(0, "lora")]
+        assert client.post("/admin/adapters", json={"adapter": "wide-lora@1"}).json()["evicted"] == []
+        _complete(client, prompts[1], "tiny-lora@1")  # wide-lora is now the least recently used
+        r = client.post("/admin/adapters", json={"adapter": "third-lora@1"})
+        assert r.status_code == 200 and r.json()["evicted"] == ["wide-lora@1"]
+        assert _ids(client) == ["tiny@1", "tiny-lora@1", "third-lora@1"]
+        assert _complete(client, prompts[0], "wide-lora@1").status_code == 404
+        assert _complete(client, prompts[0], "tiny-lora@1").json()["choices"][0]["text"] == want[(0, "lora")]
+
+        for ref, status, words in [
+            ("other-lora@1", 400, "is an adapter of tiny@2"),
+            ("tiny@2", 400, "is a model, not a LoRA adapter"),
+            ("nope@1", 404, "no model named 'nope'"),
+        ]:
+            r = client.post("/admin/adapters", json={"adapter": ref})
+            assert r.status_code == status and words in r.json()["error"]["message"], r.text
+
+        assert client.delete("/admin/adapters/third-lora@1").json() == {
+            "object": "adapter.deleted",
+            "id": "third-lora@1",
+            "deleted": True,
+        }
+        assert client.delete("/admin/adapters/third-lora@1").status_code == 404
+        assert _ids(client) == ["tiny@1", "tiny-lora@1"]
+
+
+def test_an_adapter_in_use_is_neither_unloaded_nor_evicted(lora_store, monkeypatch):
+    """The engine refuses to drop an adapter a request runs with (tests/finetune/test_adapters.py); here the
+    engine says so for every adapter, as it would with a request of each in flight."""
+    with serve(lora_store[0].root, adapters="tiny-lora@1,wide-lora@1", max_adapters=2) as live:
+        client, engine = live.client, live.app.state.server.current().engine.engine
+        remove = engine.remove_adapter
+
+        def in_use(ref):
+            raise ValueError(f"adapter {ref} is in use")
+
+        monkeypatch.setattr(engine, "remove_adapter", in_use)
+        r = client.delete("/admin/adapters/tiny-lora@1")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "adapters_busy"
+        r = client.post("/admin/adapters", json={"adapter": "third-lora@1"})
+        assert r.status_code == 409 and "are in use" in r.json()["error"]["message"]
+        assert _ids(client) == ["tiny@1", "tiny-lora@1", "wide-lora@1"]
+        monkeypatch.setattr(engine, "remove_adapter", remove)
+        r = client.post("/admin/adapters", json={"adapter": "third-lora@1"})
+        assert r.status_code == 200 and r.json()["evicted"] == ["tiny-lora@1"]
+        assert _ids(client) == ["tiny@1", "wide-lora@1", "third-lora@1"]

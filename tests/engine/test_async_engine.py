@@ -2,6 +2,7 @@
 memory, admission errors reach the caller, a failing step errors every request instead of hanging."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -213,3 +214,23 @@ def test_release_freed_memory_runs_where_glibc_is():
     from service.engine import cpu
 
     assert cpu.release_freed_memory() == hasattr(cpu._libc(), "malloc_trim")
+
+
+def test_a_call_runs_on_the_engine_thread_between_steps(tiny):
+    loaded, _ = tiny
+
+    async def main():
+        engine = AsyncEngine(make_engine(loaded))
+        engine.start()
+        try:
+            thread = await engine.call(lambda e: threading.current_thread().name)
+            with pytest.raises(ZeroDivisionError):
+                await engine.call(lambda e: 1 / 0)
+            works = await engine.call(lambda e: e.has_work)
+        finally:
+            engine.stop()
+        with pytest.raises(EngineDead):
+            await engine.call(lambda e: None)
+        return thread, works
+
+    assert asyncio.run(main()) == ("engine", False)
