@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import StoreError, UnsupportedModelError
+from .hf_format import check_tensors
 from .manifest import ADAPTER_FILE, STORED_DTYPES, TOKENIZER_FILE, WEIGHTS_FILE, AdapterInfo, ArchConfig, Lineage
 from .refs import validate_alias, validate_name
 from .registry import ModelStore, StoredVersion
@@ -57,17 +58,9 @@ def targets_of(tensors: dict[str, torch.Tensor]) -> tuple[str, ...]:
 
 
 def check_adapter(tensors: dict[str, torch.Tensor], info: AdapterInfo, config: ArchConfig) -> None:
-    """The adapter's tensors are exactly the ones `info` implies for a base of `config`."""
-    expected = info.tensor_shapes(config)
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise UnsupportedModelError(f"the adapter lacks {', '.join(missing[:4])} (every block needs each target)")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise UnsupportedModelError(f"unexpected adapter tensors: {', '.join(extra[:4])}")
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise UnsupportedModelError(f"adapter tensor {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    """The adapter's tensors are exactly the ones `info` implies for a base of `config` (every block, each
+    target, one rank)."""
+    check_tensors(tensors, info.tensor_shapes(config), "the adapter")
 
 
 def merged(weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], info: AdapterInfo) -> dict:

@@ -158,13 +158,17 @@ def load_hf_model(
 
 
 def check_shapes(tensors: dict[str, torch.Tensor], cfg: ArchConfig) -> None:
-    expected = cfg.tensor_shapes()
+    check_tensors(tensors, cfg.tensor_shapes(), "checkpoint")
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """`tensors` are exactly `expected` by name and shape; UnsupportedModelError naming `what` otherwise."""
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise UnsupportedModelError(f"checkpoint is missing tensors: {', '.join(missing[:5])}")
+        raise UnsupportedModelError(f"{what} is missing tensors: {', '.join(missing[:5])}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise UnsupportedModelError(f"unexpected tensors in checkpoint: {', '.join(extra[:5])}")
+        raise UnsupportedModelError(f"unexpected tensors in {what}: {', '.join(extra[:5])}")
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise UnsupportedModelError(

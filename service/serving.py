@@ -33,6 +33,7 @@ from service.engine import (
     StepStats,
     TokenStrings,
 )
+from service.engine.async_engine import settle_future
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
 from service.model.lora import Adapter
@@ -380,14 +381,6 @@ async def _on_a_thread_of_its_own(fn: Callable[[], T]) -> T:
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
 
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if done.done():  # the caller was cancelled
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
     def run() -> None:
         result, error = None, None
         try:
@@ -395,7 +388,7 @@ async def _on_a_thread_of_its_own(fn: Callable[[], T]) -> T:
         except BaseException as exc:
             error = exc
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(settle_future, done, result, error)
 
     threading.Thread(target=run, name="model-open", daemon=True).start()
     return await done

@@ -339,7 +339,7 @@ class AsyncEngine:
             self._unrun.append(self._commands.get_nowait())
         for command in self._unrun:
             if isinstance(command, _Call):
-                self._to_loop(_settle_future, command.done, None, dead)
+                self._to_loop(settle_future, command.done, None, dead)
         self._to_loop(self._fail_all, dead)
 
     def _apply_commands(self, block: bool) -> bool:
@@ -373,7 +373,7 @@ class AsyncEngine:
             result, error = call.fn(self.engine), None
         except Exception as exc:  # the call's own error, for its caller
             result, error = None, exc
-        self._to_loop(_settle_future, call.done, result, error)
+        self._to_loop(settle_future, call.done, result, error)
 
     def _add(self, requests: tuple[EngineRequest, ...]) -> BaseException | None:
         """Queue a submission whole, or none of it: the error that refused it (QueueFull, TooLarge)."""
@@ -402,8 +402,10 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(callback, *args)
 
 
-def _settle_future(done: asyncio.Future, result, error: BaseException | None) -> None:
-    if done.done():  # the caller was cancelled
+def settle_future(done: asyncio.Future, result, error: BaseException | None) -> None:
+    """On the loop: `done` gets `error` if there is one, else `result`; a no-op once it is done (its
+    caller was cancelled). Threads hand their outcome to a waiting coroutine with it."""
+    if done.done():
         return
     if error is not None:
         done.set_exception(error)
