@@ -133,9 +133,7 @@ def _list(store: ModelStore, args: argparse.Namespace) -> int:
                     "bytes": sum(f.size for f in manifest.files),
                     "created_at": manifest.created_at,
                     "source": manifest.lineage.hub_id or manifest.lineage.parent or manifest.lineage.source_path,
-                    "adapter": {"base": manifest.adapter.base, "rank": manifest.adapter.rank}
-                    if manifest.adapter
-                    else None,
+                    "adapter": _adapter(manifest),
                 }
             )
     if args.json:

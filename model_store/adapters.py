@@ -21,7 +21,16 @@ from safetensors.torch import load_file, save_file
 
 from .errors import StoreError, UnsupportedModelError
 from .hf_format import check_tensors
-from .manifest import ADAPTER_FILE, STORED_DTYPES, TOKENIZER_FILE, WEIGHTS_FILE, AdapterInfo, ArchConfig, Lineage
+from .manifest import (
+    ADAPTER_FILE,
+    ADAPTER_TARGETS,
+    STORED_DTYPES,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    AdapterInfo,
+    ArchConfig,
+    Lineage,
+)
 from .refs import validate_alias, validate_name
 from .registry import ModelStore, StoredVersion
 
@@ -54,7 +63,7 @@ def canonical_from_peft(state: dict[str, torch.Tensor], config: ArchConfig) -> d
 
 def targets_of(tensors: dict[str, torch.Tensor]) -> tuple[str, ...]:
     found = {key.split(".", 2)[2].rsplit(".", 1)[0] for key in tensors}
-    return tuple(t for t in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj") if t in found)
+    return tuple(t for t in ADAPTER_TARGETS if t in found)
 
 
 def check_adapter(tensors: dict[str, torch.Tensor], info: AdapterInfo, config: ArchConfig) -> None:
